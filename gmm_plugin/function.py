@@ -1,0 +1,123 @@
+"""The autograd Function behind npu_gmm / npu_gmm_v2.
+
+Forward and both gradients are grouped products on the chosen backend:
+
+  group_type 0:  y = gmm(x, W)       dx = gmm(dy, W^T)          dW = gmm_k(x^T, dy)  (or into main_grad)
+  group_type 2:  y = gmm_k(x, W)     dx^T = gmm(W, dy^T)        dW = gmm(x^T, dy)
+  group_type -1: plain matmul.
+
+dW keeps weight's layout: for a transposed view of a contiguous [E, N, K] weight it is computed as
+gmm_k(dy^T, x) and returned transposed, with no copy. grad_bias is the per-group sum of dy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import fusion
+from .backends.base import Backend
+from .group_list import Groups
+
+
+@dataclass
+class Call:
+    group_type: int
+    groups: Groups | None
+    backend: Backend
+    gemm_fusion: bool
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # CPUs have no fast float16 GEMM (~1 GFLOP/s): compute it in float32 and round once at the end.
+    return torch.float32 if t.dtype == torch.float16 and t.device.type == "cpu" else t.dtype
+
+
+def is_transposed(w: torch.Tensor) -> bool:
+    """A .transpose(-1, -2) view of a contiguous [..., N, K] tensor (MindSpeed's _is_transposed)."""
+    return w.dim() >= 2 and w.shape[-1] > 1 and w.stride(-2) == 1 and w.stride(-1) == w.shape[-2]
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor, call: Call) -> torch.Tensor:
+    if call.group_type == 0:
+        rows = bias.index_select(0, call.groups.row_group_ids())
+    elif call.group_type == 2:
+        rows = bias.unsqueeze(1)
+    else:
+        rows = bias.reshape(-1)
+    # Add in the wider of the two dtypes (bf16 x takes an fp32 bias), round once.
+    wide = torch.promote_types(y.dtype, bias.dtype)
+    return (y.to(wide) + rows.to(wide)).to(y.dtype)
+
+
+def _bias_grad(grad: torch.Tensor, bias: torch.Tensor, call: Call) -> torch.Tensor:
+    g = grad.to(torch.float32)
+    if call.group_type == 2:
+        out = g.sum(dim=1)
+    elif call.group_type == -1:
+        out = g.sum(dim=0).reshape(bias.shape)
+    else:
+        counts = call.groups.host_counts()
+        if counts is not None:  # fixed summation order: deterministic
+            out = torch.stack([part.sum(0) for part in torch.split(g, list(counts))]) \
+                if counts else g.new_zeros(bias.shape)
+        else:
+            out = g.new_zeros(bias.shape).index_add_(0, call.groups.row_group_ids(), g)
+    return out.to(bias.dtype)
+
+
+class GroupedMatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, original_weight, call: Call):
+        dtype = compute_dtype(x)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        if call.group_type == 0:
+            y = call.backend.grouped_mm(xc, wc, call.groups)
+        elif call.group_type == 2:
+            y = call.backend.grouped_mm_k(xc, wc, call.groups)
+        else:
+            y = torch.mm(xc, wc)
+        if bias is not None:
+            y = _add_bias(y, bias, call)
+        ctx.call = call
+        ctx.save_for_backward(x, weight, bias, original_weight)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, original_weight = ctx.saved_tensors
+        call: Call = ctx.call
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = compute_dtype(x)
+        # contiguous(): a stride-0 grad (from y.sum()) breaks torch._grouped_mm's backward.
+        g = grad.to(dtype).contiguous()
+        xc, wc = x.to(dtype), weight.to(dtype)
+        gx = gw = gb = None
+        backend, groups = call.backend, call.groups
+        if call.group_type == 0:
+            if need_x:
+                gx = backend.grouped_mm(g, wc.transpose(-1, -2), groups)
+            if call.gemm_fusion:
+                if need_w:
+                    backend.grouped_mm_k(xc.t(), g, groups, out=fusion.main_grad_view(original_weight, weight))
+                    gw = fusion.weight_grad_after_fusion(original_weight, weight)
+            elif need_w:
+                if is_transposed(weight):
+                    gw = backend.grouped_mm_k(g.t(), xc, groups).transpose(-1, -2)
+                else:
+                    gw = backend.grouped_mm_k(xc.t(), g, groups)
+        elif call.group_type == 2:
+            if need_x:
+                gx = backend.grouped_mm(wc, g.transpose(-1, -2), groups).t()
+            if need_w:
+                gw = backend.grouped_mm(xc.t(), g, groups)
+        else:
+            if need_x:
+                gx = torch.mm(g, wc.t())
+            if need_w:
+                gw = torch.mm(xc.t(), g)
+        if need_b:
+            gb = _bias_grad(grad, bias, call)
+        gx = None if gx is None else gx.to(x.dtype)
+        gw = None if gw is None else gw.to(weight.dtype)
+        return gx, gw, gb, None, None

@@ -1,0 +1,56 @@
+"""gemm_fusion: add the weight gradient straight into original_weight.main_grad.
+
+This follows Megatron's gradient-accumulation-fusion protocol (megatron/core/tensor_parallel/
+layers.py): the backward pass accumulates x_e^T dY_e into main_grad, then, when DDP owns the
+parameter (it has `grad_added_to_main_grad`), sets that flag and hands autograd a dummy gradient
+so DDP's hook fires without adding anything twice; otherwise it returns no weight gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def main_grad_view(original_weight: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """main_grad seen through the same view that turns original_weight into weight.
+
+    weight must be a view of original_weight (e.g. P[K, E*N].view(E, K, N) or
+    P[E, N, K].transpose(-1, -2)); the result has weight's shape and strides, so a backend can
+    accumulate into it group by group without allocating a gradient-sized tensor.
+    """
+    main_grad = getattr(original_weight, "main_grad", None)
+    if main_grad is None:
+        raise ValueError("original_weight has no main_grad: gemm_fusion accumulates into "
+                         "original_weight.main_grad (Megatron's DistributedDataParallel provides it).")
+    if not isinstance(main_grad, torch.Tensor):
+        raise TypeError(f"original_weight.main_grad must be a torch.Tensor, got {type(main_grad).__name__}.")
+    if main_grad.device != weight.device:
+        raise ValueError(f"original_weight.main_grad is on {main_grad.device} but weight is on {weight.device}.")
+    if main_grad.numel() != original_weight.numel():
+        raise ValueError(f"original_weight.main_grad has shape {tuple(main_grad.shape)} "
+                         f"({main_grad.numel()} elements) and cannot hold the gradient of original_weight "
+                         f"with shape {tuple(original_weight.shape)} ({original_weight.numel()} elements).")
+    if not _same_storage(weight, original_weight):
+        raise ValueError("weight must be a view of original_weight (the same storage) for gemm_fusion, "
+                         "so that its gradient has a place in original_weight.main_grad.")
+    offset = weight.storage_offset() - original_weight.storage_offset()
+    last = offset + sum((s - 1) * st for s, st in zip(weight.shape, weight.stride()) if s > 0)
+    if offset < 0 or (weight.numel() > 0 and last >= original_weight.numel()) or \
+            not original_weight.is_contiguous():
+        raise ValueError("weight must be a view inside a contiguous original_weight for gemm_fusion.")
+    if not main_grad.is_contiguous():
+        raise ValueError("original_weight.main_grad must be contiguous for gemm_fusion.")
+    return main_grad.view(-1).as_strided(weight.shape, weight.stride(), main_grad.storage_offset() + offset)
+
+
+def weight_grad_after_fusion(original_weight: torch.Tensor, weight: torch.Tensor):
+    """The gradient autograd gets for weight once main_grad holds the real one."""
+    if not hasattr(original_weight, "grad_added_to_main_grad"):
+        return None
+    original_weight.grad_added_to_main_grad = True
+    zero = getattr(original_weight, "zero_out_wgrad", False) or getattr(weight, "zero_out_wgrad", False)
+    # Same strides as weight, so autograd's AccumulateGrad keeps it without a copy.
+    return torch.zeros_like(weight) if zero else torch.empty_like(weight)
