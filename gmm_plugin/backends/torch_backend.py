@@ -10,6 +10,7 @@ import torch
 
 from ..group_list import Groups
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN = 16  # bytes; torch._grouped_mm rejects other strides ("strides should be multiple of 16 bytes")
 
 
@@ -17,6 +18,8 @@ def _native_ok(*tensors: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     for t in tensors:
+        if t.dtype not in _NATIVE_DTYPES:
+            return False
         size = t.element_size()
         if t.data_ptr() % _ALIGN:
             return False
