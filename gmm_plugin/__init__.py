@@ -1,6 +1,7 @@
 """gmm-plugin: MindSpeed-compatible grouped matmul (npu_gmm / npu_gmm_v2) on NPU, GPU and CPU."""
 from .backends import set_backend
+from .config import GmmPluginConfig, load_config
 from .ops.gmm import npu_gmm, npu_gmm_v2
 
 __version__ = "0.1.0"
-__all__ = ["npu_gmm", "npu_gmm_v2", "set_backend", "__version__"]
+__all__ = ["npu_gmm", "npu_gmm_v2", "set_backend", "load_config", "GmmPluginConfig", "__version__"]

@@ -1,0 +1,218 @@
+"""The plugin's configuration: YAML presets, environment variables and command-line overrides.
+
+    cfg = load_config("configs/gmm_npu.yaml")   # or a mapping, or None for the defaults
+    cfg.apply_runtime()                          # backend choice and device-side group_list checks
+
+Precedence, lowest first: defaults < YAML (or mapping) < environment (GMM_PLUGIN_*) < overrides
+(the training script's flags). A YAML file is either a bare mapping of the keys below or a bigger
+file (a training preset) with them under a top-level ``gmm_plugin:`` key; every other top-level
+key of such a file belongs to someone else and is ignored. Every error is a ConfigError (a
+ValueError) that names where the value came from (file, environment variable) and the key.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from .backends import NAMES as BACKEND_NAMES
+
+SECTION = "gmm_plugin"
+ENV_PREFIX = "GMM_PLUGIN_"
+_CHOICES = {
+    "backend": BACKEND_NAMES,
+    "group_list_form": ("counts", "cumsum"),
+    "cpu_shim": ("auto", "on", "off"),
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the file (or variable) and the key."""
+
+
+@dataclass(frozen=True)
+class GmmPluginConfig:
+    enabled: bool = True            # route Megatron's grouped-MLP experts through the plugin
+    backend: str = "auto"           # auto | torch | reference | npu
+    group_list_form: str = "counts"  # counts (npu_gmm_v2, no cumsum) | cumsum (npu_gmm, parity checks)
+    gemm_fusion: bool = True        # accumulate expert wgrad into main_grad when the param has one
+    check_group_list: bool = True   # asynchronous device-side group_list assert (host data always checked)
+    cpu_shim: str = "auto"          # auto | on | off: Megatron-on-CPU platform shim (patches.cpu_platform)
+    source: str | None = None       # where it came from, for messages
+
+    def __post_init__(self):
+        where = self.source or "GmmPluginConfig"
+        for key in KEYS:
+            object.__setattr__(self, key, _coerce(key, getattr(self, key), where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def apply_runtime(self) -> None:
+        """Make the operator library follow this config (process-wide)."""
+        from .backends import set_backend
+        from .ops.gmm import set_device_group_list_checks
+        set_backend(self.backend)
+        set_device_group_list_checks(self.check_group_list)
+
+
+KEYS = tuple(f.name for f in fields(GmmPluginConfig) if f.name != "source")
+ENV_VARS = {key: ENV_PREFIX + key.upper() for key in KEYS}
+
+
+def load_config(source=None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> GmmPluginConfig:
+    """Resolve the config: defaults < source (YAML path or mapping) < env < overrides.
+
+    env defaults to os.environ (pass {} to ignore the environment). In overrides, a value of None
+    means "flag not given" and is skipped.
+    """
+    values: dict[str, Any] = {}
+    origin = None
+    if isinstance(source, GmmPluginConfig):
+        values, origin = {k: getattr(source, k) for k in KEYS}, source.source
+    elif isinstance(source, Mapping):
+        origin = "<mapping>"
+        values = _section(source, origin)
+    elif isinstance(source, (str, os.PathLike)):
+        origin = os.fspath(source)
+        values = _section(_read_yaml(origin), origin)
+    elif source is not None:
+        raise ConfigError(f"config source must be a YAML path, a mapping or None, got {type(source).__name__}.")
+    values = {k: _coerce(k, v, origin) for k, v in values.items()}
+
+    env = os.environ if env is None else env
+    for key, var in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            values[key] = _from_string(key, raw, f"environment variable {var}")
+
+    if overrides:
+        _check_keys(overrides, "overrides")
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = _coerce(key, value, "overrides")
+    return GmmPluginConfig(**values, source=origin)
+
+
+def _read_yaml(path: str):
+    import yaml
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file not found.")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, expected a YAML config file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_strict_loader())
+        return {} if data is None else data
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _strict_loader():
+    # yaml is imported on first use only, so `import gmm_plugin` stays light.
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader that rejects a key given twice (PyYAML silently keeps the last one)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def _section(data, origin: str) -> dict[str, Any]:
+    """The plugin's keys: the mapping itself, or its `gmm_plugin:` section."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{origin}: the config must be a mapping of keys to values, got {type(data).__name__}.")
+    prefix = ""
+    if SECTION in data:
+        data, prefix = data[SECTION], SECTION + "."
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{origin}: key '{SECTION}' must be a mapping of the plugin's keys, "
+                              f"got {type(data).__name__}.")
+    _check_keys(data, origin, prefix)
+    return dict(data)
+
+
+def _check_keys(data: Mapping, origin: str, prefix: str = "") -> None:
+    for key in data:
+        if key not in KEYS:
+            close = difflib.get_close_matches(str(key), KEYS, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            nest = ("; a file that configures more than the plugin puts these keys under "
+                    f"'{SECTION}:'") if not prefix and origin != "overrides" else ""
+            raise ConfigError(f"{origin}: unknown key '{prefix}{key}'{hint}. Known keys: "
+                              f"{', '.join(KEYS)}{nest}.")
+
+
+def _coerce(key: str, value, where: str | None) -> Any:
+    """Check one typed value (from YAML, a mapping or overrides)."""
+    where = where or "config"
+    default = GmmPluginConfig.__dataclass_fields__[key].default
+    if key in _CHOICES:
+        if isinstance(value, bool) and key == "cpu_shim":
+            return "on" if value else "off"  # YAML 1.1 reads a bare `on`/`off` as a bool
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}' must be a string, one of {', '.join(_CHOICES[key])}; "
+                              f"got {value!r} ({type(value).__name__}).")
+        return _choice(key, value, where)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"{where}: key '{key}' must be true or false, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _choice(key: str, value: str, where: str) -> str:
+    norm = value.strip().lower()
+    if norm not in _CHOICES[key]:
+        close = difflib.get_close_matches(norm, _CHOICES[key], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: key '{key}' must be one of {', '.join(_CHOICES[key])}, "
+                          f"got {value!r}{hint}.")
+    return norm
+
+
+def _from_string(key: str, raw: str, where: str) -> Any:
+    """Parse one environment variable."""
+    if key in _CHOICES:
+        return _choice(key, raw, where)
+    norm = raw.strip().lower()
+    if norm in _TRUE:
+        return True
+    if norm in _FALSE:
+        return False
+    raise ConfigError(f"{where}: key '{key}' must be a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), "
+                      f"got {raw!r}.")
+
+
+def describe(cfg: GmmPluginConfig) -> str:
+    """The resolved config as YAML-like text (for `gmm-plugin check-config`)."""
+    lines = [f"# resolved from {cfg.source or 'defaults'} (then GMM_PLUGIN_* environment, then overrides)"]
+    for key in KEYS:
+        value = getattr(cfg, key)
+        lines.append(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "GmmPluginConfig", "load_config", "KEYS", "ENV_VARS", "describe"]
