@@ -23,9 +23,10 @@ def _native_ok(*tensors: torch.Tensor) -> bool:
         size = t.element_size()
         if t.data_ptr() % _ALIGN:
             return False
-        if t.stride(-1) != 1 and t.stride(-2) != 1:
+        unit = t.dim() - 1 if t.stride(-1) == 1 else t.dim() - 2
+        if t.stride(unit) != 1:
             return False
-        if any(s != 1 and (s * size) % _ALIGN for s in t.stride()):
+        if any((s * size) % _ALIGN for d, s in enumerate(t.stride()) if d != unit):
             return False
     return True
 
