@@ -1,0 +1,48 @@
+"""Reversible attribute patching: one record per replaced attribute, restored in reverse order."""
+from __future__ import annotations
+
+import sys
+
+_MISSING = object()
+
+
+class PatchSet:
+    """Replaces attributes and remembers exactly what was there (or that nothing was)."""
+
+    def __init__(self) -> None:
+        self._records: list[tuple[object, str, object]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def set(self, owner, name: str, value) -> None:
+        # Only the owner's own attribute is saved: an inherited one is restored by deleting ours.
+        own = vars(owner).get(name, _MISSING) if hasattr(owner, "__dict__") else getattr(owner, name, _MISSING)
+        self._records.append((owner, name, own))
+        setattr(owner, name, value)
+
+    def replace_everywhere(self, original, value, prefixes: tuple[str, ...]) -> int:
+        """Rebind every module-level alias of `original` (`from x import f`) in modules under prefixes."""
+        count = 0
+        for mod_name, module in list(sys.modules.items()):
+            if module is None or not mod_name.startswith(prefixes):
+                continue
+            for name, attr in list(vars(module).items()):
+                if attr is original:
+                    self.set(module, name, value)
+                    count += 1
+        return count
+
+    def restore(self) -> None:
+        while self._records:
+            owner, name, original = self._records.pop()
+            if original is _MISSING:
+                try:
+                    delattr(owner, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(owner, name, original)
