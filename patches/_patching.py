@@ -24,6 +24,10 @@ class PatchSet:
         self._records.append((owner, name, own))
         setattr(owner, name, value)
 
+    def remember(self, owner, name: str) -> None:
+        """Record the current value so restore() puts it back after someone else changes it."""
+        self.set(owner, name, getattr(owner, name))
+
     def replace_everywhere(self, original, value, prefixes: tuple[str, ...]) -> int:
         """Rebind every module-level alias of `original` (`from x import f`) in modules under prefixes."""
         count = 0

@@ -1,0 +1,232 @@
+"""Megatron-core grouped-MLP experts on gmm-plugin's npu_gmm_v2.
+
+Both expert GEMMs take the dispatcher's tokens_per_expert (per-expert counts) as npu_gmm_v2's
+group_list exactly as they are: no cumsum, no .cpu()/.tolist(); counts on the host while the
+tokens are on an accelerator are moved there with a non-blocking copy. The weights keep the
+legacy GroupedMLP layout (weight1 [H, E*F'], weight2 [E*F, H], seen as [E, H, F'] and
+[E, F, H]), so `main_grad` of the whole parameter is where gemm_fusion accumulates.
+
+- megatron-core 0.12-0.16: the legacy `GroupedMLP` keeps its class, constructor and checkpoint
+  format; its forward is replaced and `grouped_gemm_util` reports the plugin as the grouped GEMM.
+- megatron-core 0.17-0.19: `GmmGroupedMLP` below; with `moe_grouped_gemm=True`, a MoELayer whose
+  spec asks for SequentialMLP (what the local spec always returns there) builds it instead.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from gmm_plugin.ops import gmm as gmm_ops
+
+# The active GmmPluginConfig; set by patches.apply() before anything here runs.
+state = types.SimpleNamespace(config=None)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
+                   original_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times weight [E, K, N] per expert group, with the active config."""
+    cfg = state.config
+    counts = tokens_per_expert
+    if counts.device != x.device or counts.dtype != torch.int64:
+        # Host counts (alltoall/allgather dispatchers) for device tokens: H2D, no host sync.
+        counts = counts.to(device=x.device, dtype=torch.int64, non_blocking=True)
+    kwargs = {}
+    if cfg.gemm_fusion and original_weight is not None and getattr(original_weight, "main_grad", None) is not None:
+        kwargs = {"gemm_fusion": True, "original_weight": original_weight}
+    if cfg.group_list_form == "cumsum":  # MindSpeed's v1 call, for parity checks only
+        return gmm_ops.npu_gmm(x, weight, group_list=torch.cumsum(counts, 0), **kwargs)
+    return gmm_ops.npu_gmm_v2(x, weight, group_list=counts, **kwargs)
+
+
+def experts_forward(module, x, tokens_per_expert, probs, activation):
+    """The grouped MLP: fc1 -> activation (times probs) -> fc2, on module.weight1/weight2.
+
+    activation(h, probs_column_or_None). Returns (output, None) like every Megatron experts class.
+    Zero tokens go through the same GEMMs (M = 0), so every expert weight still gets a gradient
+    (zero), as DDP's hooks expect, and gemm_fusion stays consistent within an iteration.
+    """
+    config = module.config
+    if probs is not None and getattr(config, "moe_apply_probs_on_input", False):
+        if config.moe_router_topk != 1:
+            raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1.")
+        x = (probs.unsqueeze(-1) * x).to(x.dtype)
+        probs = torch.ones_like(probs)
+    num_experts, hidden = module.num_local_experts, config.hidden_size
+    w1 = module.weight1.view(num_experts, hidden, -1)
+    w2 = module.weight2.view(num_experts, -1, hidden)
+    fc1 = grouped_linear(x, w1, tokens_per_expert, module.weight1)
+    probs_col = None if probs is None else probs.unsqueeze(-1)
+    if getattr(module, "activation_recompute", False):
+        from megatron.core import tensor_parallel
+        module.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+        args = (fc1,) if probs_col is None else (fc1, probs_col)
+        h = module.activation_checkpoint.checkpoint(activation, *args)
+        out = grouped_linear(h, w2, tokens_per_expert, module.weight2)
+        module.activation_checkpoint.discard_output_and_register_recompute(out)
+    else:
+        out = grouped_linear(activation(fc1, probs_col), w2, tokens_per_expert, module.weight2)
+    return out, None
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron-core 0.12 - 0.16: the legacy GroupedMLP
+
+
+def legacy_grouped_mlp_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs=None):
+    """GroupedMLP.forward on the plugin; permuted_probs exists from 0.12.1 (None before)."""
+
+    def activation(h, probs=None):
+        if probs is None:
+            return self.activation_func(h)
+        return self.activation_func_with_probs(h, probs)
+
+    return experts_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, activation)
+
+
+def legacy_gmm(a, b, batch_sizes, trans_b=False, gemm_fusion=False, original_weight=None):
+    """`grouped_gemm.ops.gmm`-compatible entry (MindSpeed's extra arguments accepted), for code
+    that still calls grouped_gemm_util.ops.gmm: batch_sizes are counts, passed on as counts."""
+    if trans_b:
+        b = b.transpose(-1, -2)
+    counts = batch_sizes
+    if counts.device != a.device or counts.dtype != torch.int64:
+        counts = counts.to(device=a.device, dtype=torch.int64, non_blocking=True)
+    return gmm_ops.npu_gmm_v2(a, b, group_list=counts, gemm_fusion=gemm_fusion, original_weight=original_weight)
+
+
+legacy_ops = types.SimpleNamespace(gmm=legacy_gmm)
+
+
+def grouped_gemm_is_available() -> bool:
+    return True
+
+
+def assert_grouped_gemm_is_available() -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron-core 0.17 - 0.19: no legacy class any more; our own grouped experts
+
+
+def _unsupported_options(config) -> list[str]:
+    bad = []
+    if config.add_bias_linear:
+        bad.append("add_bias_linear=True (set --disable-bias-linear)")
+    if getattr(config, "moe_latent_size", None) is not None:
+        bad.append("moe_latent_size")
+    if getattr(config, "fp8", None) or getattr(config, "fp4", None):
+        bad.append("fp8/fp4")
+    if getattr(config, "moe_mlp_glu_interleave_size", None) is not None:
+        bad.append("moe_mlp_glu_interleave_size")
+    if getattr(config, "use_te_activation_func", False):
+        bad.append("use_te_activation_func")
+    return bad
+
+
+def make_grouped_mlp_class():
+    """Build GmmGroupedMLP against the installed megatron-core (imported lazily)."""
+    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu, _initialize_affine_weight_gpu
+    from megatron.core.tensor_parallel.utils import divide
+    from megatron.core.transformer.module import MegatronModule
+
+    class GmmGroupedMLP(MegatronModule):
+        """Grouped-GEMM experts on gmm-plugin (megatron-core 0.17+ without Transformer Engine).
+
+        Same parameters and layout as the legacy GroupedMLP (weight1 [H, E*F'], weight2
+        [E*F, H]), so a legacy state_dict loads into it, and the same forward as the patched
+        legacy class. Implements Megatron's ExpertsInterface: forward(x, tokens_per_expert,
+        permuted_probs) -> (out, None) and backward_dw().
+        """
+
+        def __init__(self, num_local_experts, config, submodules=None, pg_collection=None, name=None):
+            super().__init__(config=config)
+            bad = _unsupported_options(config)
+            if bad:
+                raise ValueError("gmm-plugin grouped experts do not support: " + ", ".join(bad) +
+                                 ". Disable the plugin (--use-gmm-plugin off / enabled: false) to get "
+                                 "Megatron's SequentialMLP.")
+            self.num_local_experts = num_local_experts
+            if pg_collection is None:
+                from megatron.core.process_groups_config import ProcessGroupCollection
+                pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+            self.ep_group, self.tp_group = pg_collection.ep, pg_collection.expt_tp
+            self.dp_group = getattr(pg_collection, "expt_dp", None)
+            self.expert_parallel = config.expert_model_parallel_size > 1
+            self.activation_recompute = (config.recompute_granularity == "selective"
+                                         and "moe_act" in config.recompute_modules)
+            tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+            ffn = config.moe_ffn_hidden_size * num_local_experts
+            fc1_out = ffn * (2 if config.gated_linear_unit else 1)
+            fc1_part, fc2_part = divide(fc1_out, tp_size), divide(ffn, tp_size)
+            hidden, dtype = config.hidden_size, config.params_dtype
+            device = None if config.use_cpu_initialization else torch.cuda.current_device()
+            self.weight1 = torch.nn.Parameter(torch.empty(hidden, fc1_part, device=device, dtype=dtype))
+            self.weight2 = torch.nn.Parameter(torch.empty(fc2_part, hidden, device=device, dtype=dtype))
+            if config.perform_initialization:
+                if config.use_cpu_initialization:
+                    _initialize_affine_weight_cpu(self.weight1, hidden, fc1_out, fc1_part, partition_dim=1,
+                                                  init_method=config.init_method, params_dtype=dtype,
+                                                  rank=tp_rank, world_size=tp_size)
+                    _initialize_affine_weight_cpu(self.weight2, ffn, hidden, fc2_part, partition_dim=0,
+                                                  init_method=config.output_layer_init_method,
+                                                  params_dtype=dtype, rank=tp_rank, world_size=tp_size)
+                else:
+                    _initialize_affine_weight_gpu(self.weight1, config.init_method, partition_dim=1,
+                                                  is_expert=True)
+                    _initialize_affine_weight_gpu(self.weight2, config.output_layer_init_method,
+                                                  partition_dim=0, is_expert=True)
+            # DDP puts parameters without allreduce into the expert-parallel buffers.
+            for w in (self.weight1, self.weight2):
+                setattr(w, "allreduce", not self.expert_parallel)
+
+        def _activation(self, h, probs=None):
+            config = self.config
+            dtype = h.dtype
+            if config.gated_linear_unit:
+                gate, up = torch.chunk(h, 2, dim=-1)
+                clamp = getattr(config, "activation_func_clamp_value", None)
+                if clamp is not None:
+                    gate, up = gate.clamp(max=clamp), up.clamp(min=-clamp, max=clamp)
+                h = config.activation_func(gate) * (up + getattr(config, "glu_linear_offset", 0.0))
+            else:
+                h = config.activation_func(h)
+            return h if probs is None else (h * probs).to(dtype)
+
+        def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs=None):
+            return experts_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs,
+                                   self._activation)
+
+        def backward_dw(self):
+            """No deferred weight-gradient work: dW is computed (or fused) in backward."""
+
+    return GmmGroupedMLP
+
+
+def is_sequential_mlp_builder(builder, sequential_cls) -> bool:
+    """True for SequentialMLP itself or functools.partial(SequentialMLP, ...) (the local spec)."""
+    func = getattr(builder, "func", builder)
+    return func is sequential_cls
+
+
+def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls):
+    """MoELayer.__init__ that builds grouped_cls where moe_grouped_gemm asks for grouped experts
+    but the spec fell back to SequentialMLP. The spec object itself is never modified."""
+    import dataclasses
+    import functools
+    import inspect
+
+    signature = inspect.signature(original_init)
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        config, submodules = bound.arguments.get("config"), bound.arguments.get("submodules")
+        if (state.config is not None and state.config.enabled and config is not None
+                and getattr(config, "moe_grouped_gemm", False) and submodules is not None
+                and is_sequential_mlp_builder(getattr(submodules, "experts", None), sequential_cls)):
+            bound.arguments["submodules"] = dataclasses.replace(submodules, experts=grouped_cls)
+        return original_init(*bound.args, **bound.kwargs)
+
+    return __init__
