@@ -44,9 +44,13 @@ class Groups:
         return self.host if self.cumsum else tuple(accumulate(self.host))
 
     def counts(self) -> torch.Tensor:
-        """Per-group sizes as an int64 tensor on the compute device (no host sync)."""
+        """Per-group sizes as an int64 tensor on the compute device (no host sync).
+
+        For device data these are the sizes of the clamped groups (from safe_offsets), never the
+        raw values: a consumer that slices by them cannot overrun x whatever the caller sent.
+        """
         if "counts" not in self._cache:
-            if not self.cumsum:
+            if not self.cumsum and self.host is not None:
                 c = self.values
             elif self.host is not None:
                 c = torch.tensor(self.host_counts(), dtype=torch.int64, device=self.values.device)
@@ -67,7 +71,8 @@ class Groups:
             if self.host is not None:
                 offs = torch.tensor(self.host_offsets(), dtype=dtype, device=self.values.device)
             else:
-                ends = self.values if self.cumsum else torch.cumsum(self.values.clamp(min=0), 0)
+                # Counts clamped to [0, total] first: their cumsum cannot wrap around int64.
+                ends = self.values if self.cumsum else torch.cumsum(self.values.clamp(0, self.total), 0)
                 ends = torch.cummax(ends.clamp(0, self.total), 0).values
                 # The last group ends at `total` so no row is left uninitialised.
                 ends = torch.cat([ends[:-1], ends.new_full((1,), self.total)])
