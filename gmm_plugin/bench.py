@@ -1,0 +1,617 @@
+"""`gmm-plugin bench` / `python -m gmm_plugin.bench`: how fast is the grouped matmul, and against what.
+
+Suites (``--suite``):
+
+* ``gmm``: GMM forward, forward+backward and fused backward (gemm_fusion into an fp32
+  ``main_grad``) for MoE shapes with uneven expert sizes (some experts empty), against one dense
+  ``torch.mm`` of the same FLOPs, a per-group ``torch.mm`` loop, and ``torch._grouped_mm`` called
+  directly. On CPU, fp16 is compared with a dense fp16 ``torch.mm`` (timed on a few rows and
+  scaled to the full size: the full product takes about a minute at ~1 GFLOP/s).
+* ``layer``: a Megatron-core MoE layer forward+backward with the plugin (``patches.apply``)
+  against SequentialMLP and, where the installed megatron-core has it, the legacy GroupedMLP with
+  a per-expert loop standing in for the missing ``grouped_gemm`` package.
+* ``cuda`` (only when CUDA exists): the GMM path under ``torch.cuda.set_sync_debug_mode("error")``
+  with group_list on the device, and the plugin's overhead over a direct ``torch._grouped_mm``.
+
+Timing: every case of a group runs once per round, the rounds rotate the order, and the figure is
+the minimum over the rounds; ratios compare cases timed in the same process and the same rounds.
+Peak memory is the highest net number of bytes torch's allocator handed out during one call
+(allocations minus frees, from the profiler's memory events; ``torch.cuda.max_memory_allocated``
+on CUDA); it counts tensors (outputs, gradients, temporaries) but not the private scratch buffers
+of MKL or oneDNN.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .ops.gmm import npu_gmm_v2
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+MB = 2.0 ** 20
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def moe_group_sizes(tokens: int, experts: int, seed: int = 0) -> list[int]:
+    """Uneven per-expert token counts summing to `tokens`, with every 8th expert (from #3) empty.
+
+    Log-normal loads (sigma 0.6) look like a real router's imbalance; rounding by largest
+    remainder keeps the sum exact. Deterministic in (tokens, experts, seed).
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + experts)
+    load = torch.exp(torch.randn(experts, generator=g, dtype=torch.float64) * 0.6)
+    if experts > 1:
+        load[3 % experts::8] = 0.0
+    raw = load / load.sum() * tokens
+    sizes = raw.floor().long()
+    rest = tokens - int(sizes.sum())
+    sizes[torch.argsort(raw - sizes, descending=True)[:rest]] += 1
+    return sizes.tolist()
+
+
+# --------------------------------------------------------------------------------- measurement
+
+@dataclass
+class Row:
+    suite: str
+    op: str
+    dtype: str
+    experts: int
+    impl: str
+    time_ms: float | None
+    gflops: float | None = None
+    ratio_to_dense: float | None = None   # time / dense time (dense: the op's dense GEMM count)
+    peak_mb: float | None = None
+    note: str = ""
+    samples_ms: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # figures the targets need (weight-grad size, errors)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cases(cases: dict, repeat: int, warmup: int, device: torch.device) -> dict:
+    """{name: fn} -> {name: [ms per round]}; cases interleave round by round, order rotating."""
+    names = list(cases)
+    for _ in range(warmup):
+        for n in names:
+            cases[n]()
+    _sync(device)
+    samples = {n: [] for n in names}
+    for r in range(repeat):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            _sync(device)
+            t0 = time.perf_counter()
+            cases[n]()
+            _sync(device)
+            samples[n].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """Highest net allocation (bytes) above the starting point while fn runs."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:  # private profiler API moved: report no figure rather than a wrong one
+        return None
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+class _quiet_stderr:
+    """Silence fd 2 (kineto prints a line at every profiler start and stop)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+# ------------------------------------------------------------------------------------ GMM suite
+
+class GmmProblem:
+    """x [M, K], w [E, K, N] (or an [E, N, K] parameter seen transposed), dy [M, N]."""
+
+    def __init__(self, tokens, hidden, ffn, experts, dtype, device, layout="kn", seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.M, self.K, self.N, self.E = tokens, hidden, ffn, experts
+        self.dtype, self.device = dtype, device
+        self.sizes = moe_group_sizes(tokens, experts, seed)
+        self.counts = torch.tensor(self.sizes, dtype=torch.int64)  # Megatron's tokens_per_expert (host)
+        if device.type == "cuda":
+            self.counts = self.counts.to(device)
+        self.offs = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+        self.x = rand(tokens, hidden)
+        if layout == "kn":
+            self.param = rand(experts, hidden, ffn, scale=hidden ** -0.5)
+            self.w = self.param
+        else:  # Linear-style [E, out, in] parameter, used as its transpose
+            self.param = rand(experts, ffn, hidden, scale=hidden ** -0.5)
+            self.w = self.param.transpose(-1, -2)
+        self.dy = rand(tokens, ffn)
+        self.w_dense = self.w[0].contiguous()
+
+    def flops(self) -> float:
+        return 2.0 * self.M * self.K * self.N
+
+    def leaf(self, t):
+        return t.detach().requires_grad_(True)
+
+
+def _loop_forward(x, w, sizes):
+    """What a per-expert loop (Megatron's SequentialMLP) does: mm per group, then cat."""
+    parts = [torch.mm(xe, w[e]) for e, xe in enumerate(torch.split(x, sizes))]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
+
+
+def gmm_suite(args, device: torch.device) -> list[Row]:
+    rows: list[Row] = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        for E in args.experts:
+            p = GmmProblem(args.tokens, args.hidden, args.ffn, E, dtype, device, args.layout, args.seed)
+            if dtype == torch.float16 and device.type == "cpu":
+                rows += _fp16_cpu_rows(p, args)
+            else:
+                rows += _gmm_rows(p, dname, args, device)
+            _progress(args, rows)
+    return rows
+
+
+def _progress(args, rows):
+    if args.verbose:
+        for r in rows[-12:]:
+            print("  ..", r.op, r.dtype, r.experts, r.impl, r.time_ms, file=sys.stderr, flush=True)
+
+
+def _rows_from(samples, flops_of, dense_name, meta, peaks, notes=None) -> list[Row]:
+    dense = min(samples[dense_name])
+    out = []
+    for name, s in samples.items():
+        t = min(s)
+        out.append(Row(**meta, impl=name, time_ms=round(t, 3), gflops=round(flops_of / t / 1e6, 1),
+                       ratio_to_dense=round(t / dense, 4), note=(notes or {}).get(name, ""),
+                       peak_mb=None if peaks.get(name) is None else round(peaks[name] / MB, 2),
+                       samples_ms=[round(v, 3) for v in s]))
+    return out
+
+
+def _gmm_rows(p: GmmProblem, dname: str, args, device) -> list[Row]:
+    rows = []
+    x, w, dy, sizes, counts, offs = p.x, p.w, p.dy, p.sizes, p.counts, p.offs
+
+    # ---- forward
+    fwd = {
+        "dense torch.mm": lambda: torch.mm(x, p.w_dense),
+        "gmm-plugin": lambda: npu_gmm_v2(x, w, group_list=counts),
+        "per-group loop": lambda: _loop_forward(x, w, sizes),
+        "torch._grouped_mm": lambda: torch._grouped_mm(x, w, offs),
+    }
+    if not hasattr(torch, "_grouped_mm"):
+        del fwd["torch._grouped_mm"]
+    with torch.no_grad():
+        samples = time_cases(fwd, args.repeat, args.warmup, device)
+        peaks = {n: peak_bytes(f, device) for n, f in fwd.items()} if args.memory else {}
+    meta = dict(suite="gmm", op="forward", dtype=dname, experts=p.E)
+    rows += _rows_from(samples, p.flops(), "dense torch.mm", meta, peaks)
+
+    # ---- forward + backward (3 GEMMs); grads are dropped after each call
+    xl, wl = p.leaf(x), p.leaf(p.param)
+    wv = wl if args.layout == "kn" else wl.transpose(-1, -2)
+
+    def dense3():
+        torch.mm(x, p.w_dense)
+        torch.mm(dy, p.w_dense.t())
+        torch.mm(x.t(), dy)
+
+    def autograd(f):
+        def run():
+            f(xl, wv).backward(dy)
+            xl.grad = wl.grad = None
+        return run
+
+    fb = {
+        "dense torch.mm x3": dense3,
+        "gmm-plugin": autograd(lambda a, b: npu_gmm_v2(a, b, group_list=counts)),
+        "per-group loop": autograd(lambda a, b: _loop_forward(a, b, sizes)),
+        "torch._grouped_mm": autograd(lambda a, b: torch._grouped_mm(a, b, offs)),
+    }
+    if not hasattr(torch, "_grouped_mm"):
+        del fb["torch._grouped_mm"]
+    samples = time_cases(fb, args.repeat, args.warmup, device)
+    peaks = {n: peak_bytes(f, device) for n, f in fb.items()} if args.memory else {}
+    meta = dict(suite="gmm", op="forward+backward", dtype=dname, experts=p.E)
+    rows += _rows_from(samples, 3 * p.flops(), "dense torch.mm x3", meta, peaks)
+
+    # ---- fused backward: weight gradient accumulated into an fp32 main_grad
+    wl.main_grad = torch.zeros(wl.shape, dtype=torch.float32, device=device)
+
+    def unfused():
+        npu_gmm_v2(xl, wv, group_list=counts).backward(dy)
+        wl.main_grad.add_(wl.grad)  # what Megatron's DDP hook does with an unfused gradient
+        xl.grad = wl.grad = None
+
+    def fused():
+        npu_gmm_v2(xl, wv, group_list=counts, gemm_fusion=True, original_weight=wl).backward(dy)
+        xl.grad = wl.grad = None
+
+    fu = {"dense torch.mm x3": dense3, "gmm-plugin unfused + main_grad.add_": unfused,
+          "gmm-plugin gemm_fusion": fused}
+    samples = time_cases(fu, args.repeat, args.warmup, device)
+    peaks = {n: peak_bytes(f, device) for n, f in fu.items()} if args.memory else {}
+    wgrad_mb = p.param.numel() * p.param.element_size() / MB
+    meta = dict(suite="gmm", op="fused backward", dtype=dname, experts=p.E)
+    rows += _rows_from(samples, 3 * p.flops(), "dense torch.mm x3", meta, peaks,
+                       notes={"gmm-plugin gemm_fusion": f"weight grad {wgrad_mb:.1f} MB"})
+    rows[-1].extra["wgrad_mb"] = wgrad_mb
+    del wl.main_grad
+    return rows
+
+
+def _fp16_cpu_rows(p: GmmProblem, args) -> list[Row]:
+    """fp16 on CPU: the plugin (fp32 compute, one rounding) against a dense fp16 torch.mm."""
+    device = p.device
+    rows = []
+    r = max(1, min(args.fp16_dense_rows, p.M))
+    xr = p.x[:r]
+    dense = time_cases({"d": lambda: torch.mm(xr, p.w_dense)}, max(1, min(args.repeat, 2)), 0, device)["d"]
+    dense_ms = min(dense) * p.M / r
+    meta = dict(suite="gmm", op="forward", dtype="fp16", experts=p.E)
+    note = f"timed on {r} of {p.M} rows, scaled by {p.M / r:g} (scalar fp16 kernel, ~1 GFLOP/s)"
+    rows.append(Row(**meta, impl="dense torch.mm", time_ms=round(dense_ms, 3),
+                    gflops=round(p.flops() / dense_ms / 1e6, 2), ratio_to_dense=1.0, note=note,
+                    samples_ms=[round(v, 3) for v in dense]))
+    with torch.no_grad():
+        s = time_cases({"gmm-plugin": lambda: npu_gmm_v2(p.x, p.w, group_list=p.counts)},
+                       args.repeat, args.warmup, device)["gmm-plugin"]
+        y = npu_gmm_v2(p.x, p.w, group_list=p.counts)
+        peak = peak_bytes(lambda: npu_gmm_v2(p.x, p.w, group_list=p.counts), device) if args.memory else None
+    err, tol = _fp16_error(p, y)
+    t = min(s)
+    rows.append(Row(**meta, impl="gmm-plugin", time_ms=round(t, 3), gflops=round(p.flops() / t / 1e6, 1),
+                    ratio_to_dense=round(t / dense_ms, 6),
+                    peak_mb=None if peak is None else round(peak / MB, 2),
+                    note=f"{dense_ms / t:.0f}x faster; max abs err {err:.3g} (fp16 tolerance {tol:.3g})",
+                    samples_ms=[round(v, 3) for v in s], extra={"max_abs_err": err, "tolerance": tol}))
+    return rows
+
+
+def _fp16_error(p: GmmProblem, y) -> tuple[float, float]:
+    """Max abs error of the fp16 result against float64, and the bound: one fp16 rounding
+    (2 ulps at the largest output), which fp32 accumulation plus a single final rounding meets."""
+    x64, w64 = p.x.double(), p.w.double()
+    err = big = 0.0
+    start = 0
+    for e, c in enumerate(p.sizes):
+        if c:
+            ref = x64[start:start + c] @ w64[e]
+            err = max(err, (y[start:start + c].double() - ref).abs().max().item())
+            big = max(big, ref.abs().max().item())
+        start += c
+    return err, 2 * EPS[torch.float16] * big
+
+
+# ---------------------------------------------------------------------------------- CUDA checks
+
+def cuda_suite(args) -> list[Row]:
+    """Host-sync freedom and the plugin's overhead over a direct torch._grouped_mm (bf16)."""
+    device = torch.device("cuda")
+    rows = []
+    for E in args.experts:
+        p = GmmProblem(args.tokens, args.hidden, args.ffn, E, torch.bfloat16, device, args.layout, args.seed)
+        xl, wl = p.leaf(p.x), p.leaf(p.param)
+        wv = wl if args.layout == "kn" else wl.transpose(-1, -2)
+        npu_gmm_v2(xl, wv, group_list=p.counts).backward(p.dy)  # warm caches before the check
+        note = "no host sync"
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                npu_gmm_v2(xl, wv, group_list=p.counts).backward(p.dy)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        except RuntimeError as e:
+            note = f"HOST SYNC: {str(e).splitlines()[0][:120]}"
+        meta = dict(suite="cuda", op="sync check fwd+bwd", dtype="bf16", experts=E)
+        rows.append(Row(**meta, impl="gmm-plugin (group_list on device)", time_ms=None, note=note))
+        with torch.no_grad():
+            cases = {"torch._grouped_mm": lambda: torch._grouped_mm(p.x, p.w, p.offs),
+                     "gmm-plugin": lambda: npu_gmm_v2(p.x, p.w, group_list=p.counts)}
+            samples = time_cases(cases, max(args.repeat, 20), max(args.warmup, 3), device)
+        meta = dict(suite="cuda", op="forward overhead", dtype="bf16", experts=E)
+        rows += _rows_from(samples, p.flops(), "torch._grouped_mm", meta, {})
+    return rows
+
+
+# ------------------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    met: bool | None   # None: not measured here
+
+
+def _find(rows, **kw):
+    for r in rows:
+        if all(getattr(r, k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def evaluate_targets(rows: list[Row]) -> list[Target]:
+    out = []
+    dts = sorted({r.dtype for r in rows if r.suite == "gmm"}, key=list(DTYPES).index)
+    exps = sorted({r.experts for r in rows if r.suite == "gmm"})
+    for d in (d for d in dts if d != "fp16"):
+        for E in exps:
+            r = _find(rows, suite="gmm", op="forward", dtype=d, experts=E, impl="gmm-plugin")
+            if r:
+                out.append(Target(f"GMM forward {d} E={E} <= 1.05x dense", f"{r.ratio_to_dense:.3f}x",
+                                  r.ratio_to_dense <= 1.05))
+            r = _find(rows, suite="gmm", op="forward+backward", dtype=d, experts=E, impl="gmm-plugin")
+            if r:
+                lim = 1.10 if E <= 8 else 1.20
+                out.append(Target(f"GMM fwd+bwd {d} E={E} <= {lim:.2f}x 3 dense", f"{r.ratio_to_dense:.3f}x",
+                                  r.ratio_to_dense <= lim))
+            f = _find(rows, suite="gmm", op="fused backward", dtype=d, experts=E, impl="gmm-plugin gemm_fusion")
+            u = _find(rows, suite="gmm", op="fused backward", dtype=d, experts=E,
+                      impl="gmm-plugin unfused + main_grad.add_")
+            if f and u:
+                out.append(Target(f"fused backward {d} E={E} no slower than unfused",
+                                  f"{f.time_ms / u.time_ms:.3f}x unfused", f.time_ms <= u.time_ms))
+                if f.peak_mb is not None and u.peak_mb is not None:
+                    wg = f.extra["wgrad_mb"]
+                    saved = u.peak_mb - f.peak_mb
+                    out.append(Target(f"fused backward {d} E={E} peak lower by >= 80% of wgrad",
+                                      f"{saved:.1f} MB lower = {saved / wg:.0%} of {wg:.1f} MB",
+                                      saved >= 0.8 * wg))
+    for E in exps:
+        r = _find(rows, suite="gmm", op="forward", dtype="fp16", experts=E, impl="gmm-plugin")
+        if r:
+            err, tol = r.extra["max_abs_err"], r.extra["tolerance"]
+            speed = 1.0 / r.ratio_to_dense
+            out.append(Target(f"fp16 CPU E={E} >= 50x torch.mm fp16, within fp16 tolerance",
+                              f"{speed:.0f}x, err {err:.3g} <= {tol:.3g}", speed >= 50 and err <= tol))
+    out += _layer_targets(rows)
+    for E in exps:
+        r = _find(rows, suite="cuda", op="sync check fwd+bwd", experts=E)
+        if r:
+            out.append(Target(f"CUDA E={E} GMM path free of host syncs", r.note, r.note == "no host sync"))
+        r = _find(rows, suite="cuda", op="forward overhead", experts=E, impl="gmm-plugin")
+        if r:
+            out.append(Target(f"CUDA E={E} overhead over torch._grouped_mm <= 3%",
+                              f"{(r.ratio_to_dense - 1) * 100:+.1f}%", r.ratio_to_dense <= 1.03))
+    return out
+
+
+def _layer_targets(rows) -> list[Target]:
+    return []
+
+
+# -------------------------------------------------------------------------------------- output
+
+def machine_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("suite", "op", "dtype", "E", "impl", "time ms", "GFLOP/s", "x dense", "peak MB", "note")
+    body = [(r.suite, r.op, r.dtype, str(r.experts), r.impl,
+             "-" if r.time_ms is None else f"{r.time_ms:.2f}",
+             "-" if r.gflops is None else f"{r.gflops:.1f}",
+             "-" if r.ratio_to_dense is None else f"{r.ratio_to_dense:.3f}",
+             "-" if r.peak_mb is None else f"{r.peak_mb:.1f}", r.note) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 1, 2, 4, 9) else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    lines = [fmt(head), fmt(["-" * w for w in widths])]
+    last = None
+    for cells, r in zip(body, rows):
+        key = (r.suite, r.op, r.dtype, r.experts)
+        if last is not None and key != last:
+            lines.append("")
+        lines.append(fmt(cells))
+        last = key
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[Target]) -> str:
+    word = {True: "met", False: "NOT met", None: "not measured"}
+    w = max((len(t.name) for t in targets), default=0)
+    return "\n".join(f"{t.name.ljust(w)}  {t.measured:<34} {word[t.met]}" for t in targets)
+
+
+def draw_png(rows: list[Row], path: str) -> str | None:
+    """Bar chart of time / dense per case; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    groups = []
+    for r in rows:
+        key = (r.suite, r.op, r.dtype, r.experts)
+        if r.ratio_to_dense is not None and r.suite != "cuda" and not (r.dtype == "fp16" and r.suite == "gmm"):
+            if not groups or groups[-1][0] != key:
+                groups.append((key, []))
+            groups[-1][1].append(r)
+    if not groups:
+        return "nothing to draw"
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 5))
+    impls = list(dict.fromkeys(r.impl for _, g in groups for r in g))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs, ys = [], []
+        for j, (_, g) in enumerate(groups):
+            for r in g:
+                if r.impl == impl:
+                    xs.append(j + i * width)
+                    ys.append(r.ratio_to_dense)
+        ax.bar(xs, ys, width, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{op}\n{d} E={E}" for (_, op, d, E), _ in groups], fontsize=7)
+    ax.set_ylabel("time / dense GEMM time (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def _csv(kind):
+    def parse(s):
+        items = [v.strip() for v in s.split(",") if v.strip()]
+        try:
+            return [kind(v) for v in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gmm-plugin bench",
+                                 description="Grouped-matmul benchmark against dense GEMM, a per-group loop, "
+                                             "torch._grouped_mm and Megatron's experts.")
+    ap.add_argument("--suite", type=_csv(str), default=["gmm", "layer", "cuda"],
+                    help="comma list of gmm, layer, cuda (cuda runs only when CUDA exists) [gmm,layer,cuda]")
+    ap.add_argument("--tokens", type=int, default=8192, help="GMM rows M [8192]")
+    ap.add_argument("--hidden", type=int, default=1024, help="hidden size K [1024]")
+    ap.add_argument("--ffn", type=int, default=2048, help="expert ffn size N [2048]")
+    ap.add_argument("--experts", type=_csv(int), default=[8, 64], help="expert counts [8,64]")
+    ap.add_argument("--dtypes", type=_csv(str), default=["fp32", "bf16", "fp16"], help="fp32,bf16,fp16")
+    ap.add_argument("--layout", choices=("kn", "nk"), default="kn",
+                    help="weight as [E,K,N] (kn) or a transposed [E,N,K] parameter (nk) [kn]")
+    ap.add_argument("--layer-tokens", type=int, default=4096, help="MoE layer tokens [4096]")
+    ap.add_argument("--topk", type=int, default=2, help="MoE layer router top-k [2]")
+    ap.add_argument("--repeat", type=int, default=5, help="timed rounds; the minimum is reported [5]")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
+    ap.add_argument("--fp16-dense-rows", type=int, default=64,
+                    help="rows the dense fp16 torch.mm is timed on before scaling to --tokens [64]")
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny shapes and one round (a smoke test, not a measurement)")
+    ap.add_argument("--json", metavar="PATH", help="write machine, settings, rows and targets as JSON")
+    ap.add_argument("--png", metavar="PATH", help="draw a bar chart of time / dense (needs matplotlib)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
+    return ap
+
+
+def _apply_tiny(args) -> None:
+    args.tokens, args.hidden, args.ffn = 64, 32, 48
+    args.experts = [4] if args.experts == [8, 64] else args.experts
+    args.layer_tokens = 32
+    args.repeat, args.warmup, args.fp16_dense_rows = 1, 0, 8
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [d for d in args.dtypes if d not in DTYPES] + [s for s in args.suite if s not in ("gmm", "layer", "cuda")]
+    if bad:
+        print(f"gmm-plugin bench: unknown dtype or suite {bad[0]!r} (dtypes: fp32, bf16, fp16; "
+              "suites: gmm, layer, cuda)", file=sys.stderr)
+        return 2
+    if args.tiny:
+        _apply_tiny(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(f"# {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
+          + (f", {info['cuda_device']}" if "cuda_device" in info else ""))
+    print(f"# GMM M={args.tokens} K={args.hidden} N={args.ffn}; min of {args.repeat} rounds"
+          + ("; --tiny: a smoke test, the figures mean nothing" if args.tiny else ""))
+    rows: list[Row] = []
+    skipped = []
+    if "gmm" in args.suite:
+        rows += gmm_suite(args, torch.device("cpu"))
+    if "layer" in args.suite:
+        layer_rows, why = layer_suite(args)
+        rows += layer_rows
+        if why:
+            skipped.append(f"layer suite skipped: {why}")
+    if "cuda" in args.suite:
+        if torch.cuda.is_available():
+            args_gpu = argparse.Namespace(**vars(args))
+            rows += gmm_suite(args_gpu, torch.device("cuda")) if "gmm" in args.suite else []
+            rows += cuda_suite(args)
+        elif args.suite != ["cuda"]:
+            skipped.append("cuda suite skipped: no CUDA device")
+        else:
+            skipped.append("cuda suite skipped: no CUDA device")
+    print(format_table(rows))
+    targets = evaluate_targets(rows)
+    if targets:
+        print("\n# targets\n" + format_targets(targets))
+    for s in skipped:
+        print(f"# {s}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "settings": vars(args), "rows": [asdict(r) for r in rows],
+                       "targets": [asdict(t) for t in targets], "skipped": skipped}, f, indent=1)
+    if args.png:
+        why = draw_png(rows, args.png)
+        if why:
+            print(f"# no chart: {why}")
+    return 0
+
+
+def layer_suite(args):
+    return [], "not written yet"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
