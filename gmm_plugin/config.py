@@ -117,6 +117,8 @@ def _read_yaml(path: str):
         raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply.") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +133,10 @@ def _strict_loader():
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:  # a list or mapping as a key: SafeLoader reports it with its line
+                    continue
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r}", key_node.start_mark)
