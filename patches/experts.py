@@ -58,8 +58,7 @@ def experts_forward(module, x, tokens_per_expert, probs, activation):
     fc1 = grouped_linear(x, w1, tokens_per_expert, module.weight1)
     probs_col = None if probs is None else probs.unsqueeze(-1)
     if getattr(module, "activation_recompute", False):
-        from megatron.core import tensor_parallel
-        module.activation_checkpoint = tensor_parallel.CheckpointWithoutOutput()
+        module.activation_checkpoint = _checkpoint_without_output(config)
         args = (fc1,) if probs_col is None else (fc1, probs_col)
         h = module.activation_checkpoint.checkpoint(activation, *args)
         out = grouped_linear(h, w2, tokens_per_expert, module.weight2)
@@ -67,6 +66,17 @@ def experts_forward(module, x, tokens_per_expert, probs, activation):
     else:
         out = grouped_linear(activation(fc1, probs_col), w2, tokens_per_expert, module.weight2)
     return out, None
+
+
+def _checkpoint_without_output(config):
+    import inspect
+
+    from megatron.core.tensor_parallel import CheckpointWithoutOutput
+    if "fp8" in inspect.signature(CheckpointWithoutOutput.__init__).parameters:
+        # 0.16+ stores `fp8 is not None`, so its default (False) means "fp8" and needs TE:
+        # pass the config's value (None unless fp8 training), which Megatron's own callers omit.
+        return CheckpointWithoutOutput(fp8=getattr(config, "fp8", None))
+    return CheckpointWithoutOutput()
 
 
 # ----------------------------------------------------------------------------------------------

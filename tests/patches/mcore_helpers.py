@@ -44,6 +44,8 @@ def make_config(*, experts, topk=2, glu=True, dtype=torch.float32, hidden=16, ff
               params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
               hidden_dropout=0.0, attention_dropout=0.0, moe_permute_fusion=False)
     kw.update(extra)
+    if kw["moe_router_topk"] == 1:
+        kw.setdefault("moe_router_pre_softmax", True)  # Megatron requires it for top-1 softmax
     return TransformerConfig(**kw)
 
 
