@@ -239,17 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     # Test hook (robustness tests): SIGKILL this process after step N, or during the save at step N.
     p.add_argument("--fault", help=argparse.SUPPRESS)
     import patches
-    if hasattr(patches, "add_arguments"):
-        patches.add_arguments(p)  # --use-gmm-plugin, --gmm-plugin-config, --gemm-gradient-accumulation-fusion
-    else:  # DEV-ONLY until patches lands
-        p.add_argument("--use-gmm-plugin", action="store_true")
-        p.add_argument("--gmm-plugin-config")
+    patches.add_arguments(p)  # --use-gmm-plugin, --gmm-plugin-config, --gemm-gradient-accumulation-fusion
     return p
 
 
-def resolve_config(args, world_size: int) -> dict:
+def resolve_config(args, world_size: int) -> tuple[dict, dict]:
+    """(resolved config, the preset file's raw contents)."""
     cfg = copy.deepcopy(DEFAULTS)
-    merge_preset(cfg, _read_yaml(args.config), args.config)
+    preset = _read_yaml(args.config)
+    merge_preset(cfg, preset, args.config)
     import yaml
     for item in args.sets:
         key, eq, raw = item.partition("=")
@@ -270,7 +268,7 @@ def resolve_config(args, world_size: int) -> dict:
     if args.no_plot:
         cfg["output"]["plot"] = False
     validate(cfg, world_size, args.config)
-    return cfg
+    return cfg, preset
 
 
 # ---------------------------------------------------------------- device and processes
@@ -453,8 +451,12 @@ def experts_description(model) -> str:
 
 # ---------------------------------------------------------------- plugin
 
-def enable_plugin(args, cfg_path: str, device: str, log):
-    """Turn on the CPU shim (always on a CPU) and, with --use-gmm-plugin, the experts patch."""
+def enable_plugin(args, preset: dict, device: str, log):
+    """Turn on the CPU shim (always on a CPU) and, with --use-gmm-plugin, the experts patch.
+
+    Plugin settings: --gmm-plugin-config PATH if given, else the preset's own `gmm_plugin:`
+    section, else the plugin's defaults; GMM_PLUGIN_* variables and the flags override them.
+    """
     import patches
     from patches import cpu_platform
 
@@ -462,14 +464,12 @@ def enable_plugin(args, cfg_path: str, device: str, log):
         cpu_platform.enable()
     if not args.use_gmm_plugin:
         return None
-    import gmm_plugin
-    # Plugin settings: the preset's gmm_plugin: section, unless --gmm-plugin-config names a file.
-    source = args.gmm_plugin_config or cfg_path
-    overrides = {"gemm_fusion": True} if getattr(args, "gemm_gradient_accumulation_fusion", False) else None
-    plugin_cfg = gmm_plugin.load_config(source, overrides=overrides)
-    report = patches.apply(plugin_cfg)
-    log(f"gmm-plugin: {report}")
-    return plugin_cfg
+    if args.gmm_plugin_config is None and preset.get(PLUGIN_SECTION) is not None:
+        args.gmm_plugin_config = args.config
+    report = patches.apply(patches.config_from_args(args))
+    for line in str(report).splitlines():
+        log(line)
+    return report.config
 
 
 # ---------------------------------------------------------------- optimizer on a CPU
@@ -603,7 +603,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = resolve_config(args, world_env)
+        cfg, preset = resolve_config(args, world_env)
     except ConfigError as e:
         parser.exit(2, f"pretrain_moe.py: error: {e}\n")
     out_dir = os.path.abspath(cfg["output"]["dir"])
@@ -630,7 +630,7 @@ def main(argv=None) -> int:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    plugin_cfg = enable_plugin(args, args.config, device, log)
+    plugin_cfg = enable_plugin(args, preset, device, log)
     seed = cfg["train"]["seed"]
     random.seed(seed)
     numpy.random.seed(seed)
