@@ -14,6 +14,8 @@ capability when `--moe-grouped-gemm` is validated. This shim makes those calls m
                                                      generator of a CPU run, so dropout inside
                                                      the RNG tracker's fork() uses its state)
   torch.cuda.get_device_capability()              -> (9, 0) (as MindSpeed does on NPUs)
+  Megatron's hard-coded device="cuda" causal masks -> CPU masks
+  moe_utils.maybe_move_tensor_to_cpu(as_numpy=True) -> numpy for CPU tensors too (EP alltoall splits)
 
 `torch.cuda.is_available()` stays False. enable() is idempotent and does nothing when an
 accelerator is present; disable() puts back every original object.
@@ -148,6 +150,15 @@ def _sliding_window_causal_mask(sq, skv, window_size):
     return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
 
+def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+    # The alltoall dispatcher expects its split sizes as host numpy arrays after this call (what the
+    # GPU path returns); Megatron's version converts only CUDA tensors, and gloo's
+    # all_to_all_single rejects the tensors it leaves behind on a CPU run.
+    if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+        return tensor.numpy()
+    return tensor
+
+
 # Megatron functions that hard-code device="cuda" (or CUDA-only RNG calls) on the training path.
 _MEGATRON_FUNCS = {
     "megatron.core.tensor_parallel.random": {"_get_cuda_rng_state": _megatron_get_cuda_rng_state,
@@ -155,6 +166,7 @@ _MEGATRON_FUNCS = {
     # Used when the attention mask is None (pretrain_gpt without dataloader masks).
     "megatron.core.transformer.utils": {"get_default_causal_mask": _default_causal_mask,
                                         "get_sliding_window_causal_mask": _sliding_window_causal_mask},
+    "megatron.core.transformer.moe.moe_utils": {"maybe_move_tensor_to_cpu": _maybe_move_tensor_to_cpu},
 }
 
 
