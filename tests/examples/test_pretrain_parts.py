@@ -1,0 +1,212 @@
+"""Fast tests of the example's parts: presets and flags, the data pipeline, the checkpoint files."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import moe_checkpoint  # noqa: E402
+
+CI_PRESET = os.path.join(ROOT, "configs", "pretrain_ci_tiny.yaml")
+MAIN_PRESET = os.path.join(ROOT, "configs", "pretrain_tiny_cpu.yaml")
+
+
+# ---------------------------------------------------------------- presets and flags
+
+@pytest.fixture
+def pretrain():
+    pytest.importorskip("yaml")
+    import pretrain_moe
+    return pretrain_moe
+
+
+def _error(pretrain, capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [CI_PRESET, MAIN_PRESET])
+def test_presets_resolve(pretrain, preset):
+    args = pretrain.build_parser().parse_args(["--config", preset])
+    cfg, raw = pretrain.resolve_config(args, world_size=1)
+    m = cfg["model"]
+    assert (m["num_experts"], m["moe_router_topk"], m["moe_grouped_gemm"], m["dtype"]) == (8, 2, True, "fp32")
+    assert "gmm_plugin" in raw  # the plugin's settings for --use-gmm-plugin
+    import gmm_plugin
+    gmm_plugin.load_config(preset, env={})  # and they are valid for the plugin
+
+
+def test_flags_override_preset(pretrain):
+    args = pretrain.build_parser().parse_args(
+        ["--config", CI_PRESET, "--steps", "7", "--set", "train.lr=0.001", "--set", "model.swiglu=false",
+         "--expert-parallel-size", "2"])
+    cfg, _ = pretrain.resolve_config(args, world_size=2)
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 0.001 and cfg["model"]["swiglu"] is False
+    assert cfg["train"]["expert_parallel_size"] == 2
+
+
+def _preset(tmp_path, text: str) -> str:
+    path = tmp_path / "preset.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model:\n  hiden_size: 64\n", "unknown key 'model.hiden_size' (did you mean 'model.hidden_size'?)"),
+    ("modle:\n  hidden_size: 64\n", "unknown key 'modle' (did you mean 'model'?)"),
+    ("model:\n  hidden_size: big\n", "'model.hidden_size' must be int, got 'big'"),
+    ("model:\n  dtype: fp8\n", "'model.dtype' must be one of fp32, bf16, fp16, got 'fp8'"),
+    ("train:\n  steps: 0\n", "'train.steps' must be positive"),
+    ("model:\n  hidden_size: [1\n", "malformed YAML (line"),
+    ("- 1\n- 2\n", "expected a mapping of sections"),
+    ("model:\n  hidden_size: 30\n  num_attention_heads: 4\n", "'model.hidden_size' (30) must be divisible"),
+    ("train:\n  global_batch_size: 6\n  micro_batch_size: 4\n", "'train.global_batch_size' (6) must be a multiple"),
+])
+def test_bad_preset_is_a_clear_error_naming_file_and_key(pretrain, capsys, tmp_path, text, expected):
+    path = _preset(tmp_path, text)
+    err = _error(pretrain, capsys, "--config", path)
+    assert path in err and expected in err, err
+
+
+def test_missing_preset_and_bad_flags(pretrain, capsys, tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    assert f"{missing}: config file not found" in _error(pretrain, capsys, "--config", missing)
+    err = _error(pretrain, capsys, "--config", CI_PRESET, "--set", "train.stepz=3")
+    assert "--set train.stepz=3: unknown key 'train.stepz' (did you mean 'train.steps'?)" in err
+    assert "expected SECTION.KEY=VALUE" in _error(pretrain, capsys, "--config", CI_PRESET, "--set", "train.steps")
+    err = _error(pretrain, capsys, "--config", CI_PRESET, "--expert-parallel-size", "3")
+    assert "'model.num_experts' (8) must be divisible by 'train.expert_parallel_size' (3)" in err
+
+
+def test_bad_data_path_is_a_clear_error(pretrain, capsys, tmp_path):
+    err = _error(pretrain, capsys, "--config", CI_PRESET, "--data-path", str(tmp_path / "missing.txt"))
+    assert "missing.txt" in err and "does not exist" in err
+    err = _error(pretrain, capsys, "--config", CI_PRESET, "--data-path", str(tmp_path))
+    assert "is a directory" in err
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.fixture
+def moe_data():
+    pytest.importorskip("megatron.core")
+    import moe_data
+    return moe_data
+
+
+def test_jsonl_and_text_become_megatron_gpt_samples(moe_data, tmp_path):
+    docs = ["def f(x):\n    return x + 1\n" * 20, "Grüße, naïve café — 日本語 text. " * 30]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n\n".join(docs), encoding="utf-8")
+    tok = moe_data.ByteTokenizer()
+    built = {}
+    for src in (jsonl, txt):
+        prefix = built[src] = moe_data.build_indexed_dataset(str(src), str(tmp_path / "cache"), max_bytes=10**6)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        ds = IndexedDataset(prefix)
+        assert len(ds) == 2
+        for i, doc in enumerate(docs):  # byte tokens + end-of-document, exactly
+            if src is txt:  # the blank-line separator takes the paragraph's own final newline
+                doc = doc.rstrip("\n")
+            assert list(ds[i]) == list(doc.encode("utf-8")) + [moe_data.EOD]
+            assert tok.detokenize(ds[i]) == doc
+        gpt = moe_data.build_gpt_dataset(prefix, seq_length=16, num_samples=40, seed=3)
+        sample = gpt[5]
+        assert sample["tokens"].shape == (16,) and int(sample["tokens"].max()) < moe_data.VOCAB_SIZE
+        assert (sample["tokens"][1:] == sample["labels"][:-1]).all()  # next-token labels
+    # A finished build is reused, not rewritten.
+    stamp = os.stat(built[jsonl] + ".idx").st_mtime_ns
+    again = moe_data.build_indexed_dataset(str(jsonl), str(tmp_path / "cache"), max_bytes=10**6)
+    assert again == built[jsonl] and os.stat(again + ".idx").st_mtime_ns == stamp
+    # An existing indexed-dataset prefix is used as it is.
+    assert moe_data.build_indexed_dataset(again, str(tmp_path / "other"), max_bytes=1) == again
+
+
+def test_stdlib_corpus_is_capped_and_stable(moe_data, tmp_path):
+    a = moe_data.build_indexed_dataset("stdlib", str(tmp_path), max_bytes=50_000)
+    b = moe_data.build_indexed_dataset("stdlib", str(tmp_path), max_bytes=50_000)
+    assert a == b
+    size = os.path.getsize(a + ".bin") // 2  # uint16 tokens
+    assert 50_000 <= size < 50_000 + max(os.path.getsize(f) for f in moe_data.stdlib_files()) * 4 + 100
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"text": "ok"}\nnot json\n', "line 2: not valid JSON"),
+    ('{"body": "x"}\n', "line 1: expected a JSON object with a 'text' key"),
+    ('{"text": 5}\n', "line 1: 'text' is int, expected a string"),
+    ("", "no text found"),
+])
+def test_bad_jsonl_is_a_clear_error(moe_data, tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(moe_data.DataError, match="bad.jsonl") as e:
+        moe_data.build_indexed_dataset(str(path), str(tmp_path / "c"), max_bytes=1000)
+    assert expected in str(e.value)
+    assert not [n for n in os.listdir(tmp_path / "c") if n.endswith(".idx") and ".tmp" not in n]
+
+
+def test_indexed_prefix_with_foreign_token_ids_is_refused(moe_data, tmp_path):
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "gpt2")
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    b.add_document(numpy.array([50256, 11, 12], dtype=numpy.int32), [3])
+    b.finalize(prefix + ".idx")
+    with pytest.raises(moe_data.DataError, match="token id 50256 does not fit the byte tokenizer"):
+        moe_data.build_indexed_dataset(prefix, str(tmp_path), max_bytes=10)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _save(ckpt, step, **kw):
+    moe_checkpoint.save(str(ckpt), step, 0, {"step": step}, barrier=lambda: None, **kw)
+
+
+def test_checkpoints_latest_and_pruning(tmp_path):
+    assert moe_checkpoint.latest_step(str(tmp_path)) is None
+    for step in (10, 20, 30):
+        _save(tmp_path, step, keep=2)
+    assert moe_checkpoint.latest_step(str(tmp_path)) == 30
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000020", "step_000030"]
+    assert moe_checkpoint.load(str(tmp_path), 30, 0) == {"step": 30}
+
+
+def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path):
+    _save(tmp_path, 10)
+
+    class Killed(Exception):
+        pass
+
+    def die():
+        raise Killed
+
+    with pytest.raises(Killed):
+        _save(tmp_path, 20, before_rename=die)
+    assert moe_checkpoint.latest_step(str(tmp_path)) == 10
+    leftovers = os.listdir(tmp_path / "step_000020")
+    assert leftovers and all(".tmp" in n for n in leftovers)  # written, never renamed
+    moe_checkpoint.clean_partial(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_000010"]
+    assert moe_checkpoint.load(str(tmp_path), 10, 0) == {"step": 10}
+
+
+def test_clean_partial_without_latest_drops_everything(tmp_path):
+    (tmp_path / "step_000010").mkdir()
+    (tmp_path / "step_000010" / "rank_00000.pt").write_bytes(b"half")
+    moe_checkpoint.clean_partial(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_latest_naming_garbage_is_an_error(tmp_path):
+    (tmp_path / "latest").write_text("step_000099\n")
+    with pytest.raises(RuntimeError, match="not a checkpoint"):
+        moe_checkpoint.latest_step(str(tmp_path))
