@@ -80,6 +80,26 @@ class Groups:
             self._cache[key] = offs
         return self._cache[key]
 
+    def safe_counts(self) -> torch.Tensor:
+        """Per-group sizes covering exactly `total`, for count-based kernels (no host sync, no cumsum).
+
+        Host values are already exact and are returned as they are. Device values are clamped
+        to [0, total]; rows they leave uncovered go to the last group, and if they overrun
+        `total` every row goes to the last group: the kernel neither reads past x nor leaves
+        output rows uninitialised, whatever the (asynchronous) group_list assert says.
+        """
+        if self.cumsum:
+            return torch.diff(self.safe_offsets(torch.int64), prepend=self.values.new_zeros(1))
+        if self.host is not None:
+            return self.values
+        if "safe_counts" not in self._cache:
+            c = self.values.clamp(0, self.total)
+            deficit = self.total - c.sum()
+            last = torch.zeros_like(c)
+            last[-1] = 1
+            self._cache["safe_counts"] = torch.where(deficit >= 0, c + last * deficit, last * self.total)
+        return self._cache["safe_counts"]
+
     def row_group_ids(self) -> torch.Tensor:
         """Group index of each of the `total` rows (int64, on the device, no host sync)."""
         if "ids" not in self._cache:
