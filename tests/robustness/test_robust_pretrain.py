@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from robust_support import ROOT, count, expect
+from robust_support import ROOT, count, expect, summary_dir
 
 pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
@@ -40,8 +42,11 @@ gmm_plugin: {gemm_fusion: true}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pretrain")
+def workdir():
+    """Under the summary folder (runs/robustness/pretrain), so the logs stay for a post-mortem."""
+    d = pathlib.Path(summary_dir()) / "pretrain"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
     (d / "tiny.yaml").write_text(PRESET % (STEPS, d / "data"))
     return d
 
@@ -145,52 +150,56 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
         m = re.search(r"resumed from .* \(step (\d+)\)", text)
         return int(m.group(1)) if m else (0 if "no checkpoint" in text else None)
 
-    def attempt(how, predicate=None, extra=()):
-        """Start (resuming after the first attempt), kill per `how`, check where it resumed."""
+    def check_resume(since):
+        """The run that just started resumed from the last complete checkpoint of the last kill."""
+        got, want = resumed_step(since), kills[-1][1]
+        expect(got == want, f"after a kill '{kills[-1][0]}' the run resumed from step {got}, but the last "
+                            f"complete checkpoint was step {want}\n{open(log).read()[since:][-2000:]}",
+               key="checkpoints_lost")
+        count("kills_survived")
+
+    def attempt(kind, predicate=None, extra=()):
+        """Start (with --resume after a kill), SIGKILL when predicate() names a reason (or let the
+        --fault hook kill it), and record the last complete checkpoint at that moment."""
         since = os.path.getsize(log) if os.path.exists(log) else 0
-        proc = start(workdir, out, *(["--resume"] if kills or how == "resume" else []), *extra)
-        t0 = time.time()
-        killed = kill_when(proc, lambda: predicate(t0)) if predicate else (proc.wait(timeout=400) == -9)
-        if kills:  # this run resumed: from the last complete checkpoint of the previous kill?
-            got, want = resumed_step(since), kills[-1][1]
-            if got != want:
-                count("checkpoints_lost")
-            expect(got == want, f"after '{kills[-1][0]}' resumed from step {got}, the last complete "
-                                f"checkpoint was step {want}\n{open(log).read()[since:][-2000:]}",
-                   key="checkpoints_lost")
-            count("kills_survived")
+        proc = start(workdir, out, *(["--resume"] if kills else []), *extra)
+        t0, reason = time.time(), []
+        if predicate:
+            killed = kill_when(proc, lambda: reason.append(predicate(t0)) or reason[-1])
+        else:
+            killed = proc.wait(timeout=400) == -signal.SIGKILL
+        if not killed:  # it ended on its own: only a clean finish is acceptable
+            assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{open(log).read()[since:][-3000:]}"
+        if kills:
+            check_resume(since)
         if killed:
-            kills.append((how, latest(out)))
-        return killed
+            kind = reason[-1] if reason and isinstance(reason[-1], str) else kind
+            kills.append((kind, latest(out)))
+            count(f"kill: {kind}")
 
     # 1. at a random moment while starting up, at the latest when the first step is logged
     delay = rng.uniform(1.0, 12.0)
-    attempt(f"random {delay:.1f}s after start", lambda t0: time.time() - t0 > delay or len(metrics(out)) >= 1)
+    attempt("at a random moment of start-up", lambda t0: time.time() - t0 > delay or len(metrics(out)) >= 1)
     # 2. in the middle of a checkpoint write (a .tmp file exists: torch.save or `latest` in flight);
     #    should polling miss every write, three steps in (then it is a kill between steps)
     base2 = len(metrics(out))
-    attempt("during a checkpoint write", lambda t0: writing_checkpoint(out)() or len(metrics(out)) >= base2 + 3)
+    attempt("mid checkpoint write", lambda t0: "mid checkpoint write" if writing_checkpoint(out)() else
+            "between steps" if len(metrics(out)) >= base2 + 3 else None)
     # 3. after the checkpoint data is written and fsync'ed, before its rename (the example's hook)
     step = min(latest(out) + rng.randint(1, 2), STEPS - 2)
-    attempt(f"between write and rename at step {step}", extra=("--fault", f"kill-in-save:{step}"))
-    # 4. at a random moment a few steps after the restart
-    rows, pause = rng.randint(1, 2), rng.uniform(0.0, 0.3)
-    base = len(metrics(out))
-    start_rows = {}
+    attempt("between checkpoint write and rename", extra=("--fault", f"kill-in-save:{step}"))
+    # 4. at a random moment (0-0.3 s) after 1 or 2 new steps
+    rows, pause, base, seen = rng.randint(1, 2), rng.uniform(0.0, 0.3), len(metrics(out)), {}
 
     def after_rows(t0):
-        n = len(metrics(out))
-        if n >= base + rows and "t" not in start_rows:
-            start_rows["t"] = time.time()
-        return "t" in start_rows and time.time() - start_rows["t"] >= pause
-    attempt(f"{pause:.2f}s after {rows} new step(s)", after_rows)
+        if len(metrics(out)) >= base + rows:
+            seen.setdefault("t", time.time())
+        return "t" in seen and time.time() - seen["t"] >= pause
+    attempt("at a random moment between steps", after_rows)
     # 5. to the end
-    proc = start(workdir, out, "--resume")
     since = os.path.getsize(log)
-    finish(proc, out)
-    got, want = resumed_step(since), kills[-1][1]
-    count("kills_survived")
-    expect(got == want, f"final resume from step {got}, last complete checkpoint {want}", key="checkpoints_lost")
+    finish(start(workdir, out, "--resume"), out)
+    check_resume(since)
     print("kills (how, last complete checkpoint):", kills)
     expect(len(kills) >= 3, f"too few kills landed: {kills}")
     ref = curve(reference[0])
