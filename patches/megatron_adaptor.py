@@ -1,0 +1,48 @@
+"""`import patches.megatron_adaptor` at the top of a Megatron training script enables gmm-plugin
+from the script's own command line:
+
+    python pretrain_gpt.py ... --moe-grouped-gemm --use-gmm-plugin --gmm-plugin-config configs/gmm_npu.yaml
+
+Flags: --use-gmm-plugin, --gmm-plugin-config PATH (either one enables the plugin; the YAML's
+`enabled` decides when only the config is given) and MindSpeed's --gemm-gradient-accumulation-fusion
+(= gemm_fusion: true). They are removed from sys.argv so that Megatron's own parser does not
+reject them; --gemm-gradient-accumulation-fusion stays when MindSpeed is loaded (it reads it too).
+The result of patches.apply() is in `report` (None when the plugin was not asked for).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import add_arguments, apply, config_from_args
+
+_OURS = ("--use-gmm-plugin", "--gmm-plugin-config")
+_ALIAS = "--gemm-gradient-accumulation-fusion"
+
+
+def enable_from_argv(argv: list[str]):
+    """Parse our flags out of argv; apply the plugin when asked. Returns (report, remaining argv)."""
+    parser = add_arguments(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
+    args, _ = parser.parse_known_args(argv)
+    report = None
+    if args.use_gmm_plugin or args.gmm_plugin_config:
+        report = apply(config_from_args(args))
+        if os.environ.get("RANK", "0") == "0":
+            print(report, flush=True)
+    strip = _OURS if "mindspeed" in sys.modules else _OURS + (_ALIAS,)
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in strip:
+            skip = name == "--gmm-plugin-config" and "=" not in arg
+            continue
+        rest.append(arg)
+    return report, rest
+
+
+report, _rest = enable_from_argv(sys.argv[1:])
+sys.argv[1:] = _rest
