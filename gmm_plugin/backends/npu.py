@@ -152,6 +152,15 @@ def _blocks(size: int):
     return [(i, min(i + _BLOCK, size)) for i in range(0, size, _BLOCK)]
 
 
+def _device_offsets(groups: Groups) -> torch.Tensor:
+    """Cumulative sums on the device, grouping rows exactly as the group_list the kernels get."""
+    if groups.cumsum:
+        return groups.values if groups.host is not None else groups.safe_offsets(torch.int64)
+    if groups.host is not None:
+        return groups.safe_offsets(torch.int64)  # built from the host values: no device cumsum
+    return torch.cumsum(groups.safe_counts(), 0)
+
+
 def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
     """(g0, g1, start, end, group_list) per kernel call, at most MAX_GROUPS_PER_CALL groups each.
 
@@ -164,7 +173,7 @@ def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
         return
     offsets = groups.host_offsets()
     if offsets is None:
-        offsets = tuple(groups.safe_offsets(torch.int64).tolist())
+        offsets = tuple(_device_offsets(groups).tolist())
     for g0 in range(0, e, MAX_GROUPS_PER_CALL):
         g1 = min(g0 + MAX_GROUPS_PER_CALL, e)
         start = offsets[g0 - 1] if g0 else 0
@@ -188,9 +197,6 @@ class NpuBackend:
         if groups.cumsum:
             return (groups.values if groups.host is not None else groups.safe_offsets(torch.int64)), 0
         return groups.safe_counts(), 1
-
-    def _offsets(self, groups: Groups) -> torch.Tensor:
-        return groups.values if groups.cumsum and groups.host is not None else groups.safe_offsets(torch.int64)
 
     @staticmethod
     def _call(torch_npu, x, w, gl, group_type, gl_type):
@@ -298,7 +304,7 @@ class NpuBackend:
             target, left, right = out.transpose(-1, -2), b, a.t()
         else:
             return False
-        offsets = self._offsets(groups)
+        offsets = _device_offsets(groups)
         checks.check_devices(left, weight=right, group_list=offsets, out=target)
         for g0, g1, s, t, part in _chunks(groups, offsets, True):
             if t > s:

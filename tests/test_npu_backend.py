@@ -1,0 +1,418 @@
+"""The npu backend against the torch_npu test double: the exact arguments it passes, every kernel
+limit, device group_list sanitising, torch_npu import hygiene and error messages.
+
+The whole op suite (tests/ops, tests/test_fusion.py) also runs through this backend: conftest adds
+"npu" to OP_BACKENDS. These tests pin what those cannot see: the calls themselves.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import gmm_plugin
+import torch_npu_double as double
+from gmm_plugin.backends import npu as npu_backend
+from gmm_plugin.backends.npu import NpuBackend
+from gmm_plugin.backends.torch_backend import TorchBackend
+from gmm_plugin.group_list import Groups, make_groups
+from gmm_plugin.ops import gmm
+from reference import gmm_reference, tolerance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def npu():
+    """The npu backend forced, on the double, with its call log cleared."""
+    with double.installed():
+        double.calls.clear()
+        gmm_plugin.set_backend("npu")
+        try:
+            yield double.calls
+        finally:
+            gmm_plugin.set_backend(None)
+
+
+def kernel_calls(calls, op="npu_grouped_matmul"):
+    return [kw for name, kw in calls if name == op]
+
+
+def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, k: int) -> bool:
+    """Within the dtype's tolerance of the float64 reference (tests/reference.py)."""
+    return (got.double() - ref).abs().max().item() <= tolerance(dtype, k, ref.abs().max().item())
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr()
+
+
+# ---- the exact arguments ------------------------------------------------------------------------
+
+def test_npu_gmm_passes_cumsum_as_group_list_type_0(npu):
+    x, w = torch.randn(10, 8), torch.randn(3, 8, 5)
+    y = gmm.npu_gmm(x, w, group_list=[3, 3, 10])
+    (kw,) = kernel_calls(npu)
+    assert (kw["split_item"], kw["group_type"], kw["group_list_type"], kw["bias"]) == (3, 0, 0, None)
+    assert kw["group_list"].dtype == torch.int64 and kw["group_list"].tolist() == [3, 3, 10]
+    assert len(kw["x"]) == 1 and len(kw["weight"]) == 1
+    assert same_memory(kw["x"][0], x) and same_memory(kw["weight"][0], w) and kw["weight"][0].shape == (3, 8, 5)
+    assert close(y, gmm_reference(x, w, [3, 0, 7]), torch.float32, 8)
+
+
+def test_npu_gmm_v2_passes_counts_untouched_as_group_list_type_1(npu):
+    x, w = torch.randn(10, 8), torch.randn(3, 8, 5)
+    counts = torch.tensor([3, 0, 7])
+    gmm.npu_gmm_v2(x, w, group_list=counts)
+    (kw,) = kernel_calls(npu)
+    assert (kw["split_item"], kw["group_type"], kw["group_list_type"]) == (3, 0, 1)
+    assert kw["group_list"].tolist() == [3, 0, 7]  # counts, not their cumsum
+
+
+@pytest.mark.parametrize("api, values, gl_type", [("v1", [3, 3, 10], 0), ("v2", [3, 0, 7], 1)])
+def test_backward_calls(npu, api, values, gl_type):
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(3, 8, 5, requires_grad=True)
+    fn = gmm.npu_gmm if api == "v1" else gmm.npu_gmm_v2
+    y = fn(x, w, group_list=torch.tensor(values))
+    npu.clear()
+    dy = torch.randn(10, 5)
+    y.backward(dy)
+    dx, dw = kernel_calls(npu)
+    # dx = gmm(dy, W^T): group_type 0 with the weight as a transposed view (no copy)
+    assert (dx["group_type"], dx["split_item"], dx["group_list_type"]) == (0, 3, gl_type)
+    assert same_memory(dx["weight"][0], w) and dx["weight"][0].shape == (3, 5, 8) and dx["weight"][0].stride(-2) == 1
+    assert dx["group_list"].tolist() == values
+    # dW = gmm(x^T, dy): group_type 2, x a transposed view, weight dy
+    assert (dw["group_type"], dw["split_item"], dw["group_list_type"]) == (2, 3, gl_type)
+    assert same_memory(dw["x"][0], x) and dw["x"][0].shape == (8, 10) and dw["x"][0].stride() == (1, 8)
+    assert dw["weight"][0].shape == (10, 5) and dw["group_list"].tolist() == values
+    counts = [3, 0, 7]
+    assert torch.allclose(w.grad.double(), torch.stack([x[s:s + c].double().t() @ dy[s:s + c].double() for s, c in
+                                                       zip([0, 3, 3], counts)]), atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "transposed"])
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_fusion_calls_grouped_matmul_add_with_cumsum(npu, layout, api):
+    e, k, n, m, counts = 3, 8, 6, 10, [3, 0, 7]
+    shape = (e, k, n) if layout == "stacked" else (e, n, k)
+    p = torch.nn.Parameter(torch.randn(*shape, dtype=torch.bfloat16))
+    p.main_grad = torch.zeros(shape, dtype=torch.float32)
+    p.grad_added_to_main_grad = False
+    w = p if layout == "stacked" else p.transpose(-1, -2)
+    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    values = counts if api == "v2" else [3, 3, 10]
+    y = (gmm.npu_gmm_v2 if api == "v2" else gmm.npu_gmm)(x, w, group_list=torch.tensor(values), gemm_fusion=True,
+                                                          original_weight=p)
+    npu.clear()
+    dy = torch.randn(m, n, dtype=torch.bfloat16)
+    y.backward(dy)
+    assert [kw["group_type"] for kw in kernel_calls(npu)] == [0]  # dx only: no separate dW product
+    (add,) = kernel_calls(npu, "npu_grouped_matmul_add_")
+    assert (add["transpose_x"], add["transpose_weight"], add["group_type"], add["group_list_type"]) == (True, False, 2, 0)
+    assert add["group_list"].tolist() == [3, 3, 10]  # A2/A3 read GMM+ADD's group_list as cumsum only
+    assert same_memory(add["self"], p.main_grad) and add["self"].shape == shape and add["self"].is_contiguous()
+    if layout == "stacked":   # main_grad[e] += x_e^T dy_e
+        assert same_memory(add["x"], x) and same_memory(add["weight"], dy)
+        assert add["x"].shape == (m, k) and add["weight"].shape == (m, n)
+    else:                     # main_grad[e] (= (x_e^T dy_e)^T) += dy_e^T x_e
+        assert same_memory(add["weight"], x) and add["x"].shape == (m, n) and add["weight"].shape == (m, k)
+    ref = torch.stack([x[s:s + c].double().t() @ dy[s:s + c].double() for s, c in zip([0, 3, 3], counts)])
+    got = p.main_grad if layout == "stacked" else p.main_grad.transpose(-1, -2)
+    assert torch.allclose(got.double(), ref, rtol=0, atol=1e-3 * ref.abs().max().item())
+
+
+def test_fusion_falls_back_without_the_add_op(monkeypatch):
+    old = double.without_add_op()
+    monkeypatch.setitem(sys.modules, "torch_npu", old)
+    gmm_plugin.set_backend("npu")
+    try:
+        p = torch.nn.Parameter(torch.randn(2, 4, 3, dtype=torch.bfloat16))
+        p.main_grad = torch.ones(2, 4, 3)
+        x = torch.randn(5, 4, dtype=torch.bfloat16, requires_grad=True)
+        double.calls.clear()
+        gmm.npu_gmm_v2(x, p, group_list=torch.tensor([2, 3]), gemm_fusion=True, original_weight=p).sum().backward()
+    finally:
+        gmm_plugin.set_backend(None)
+    assert [name for name, _ in double.calls] == ["npu_grouped_matmul"] * 3  # forward, dx, dW (then added)
+    ref = 1 + torch.stack([x[:2].double().t().sum(1, keepdim=True).expand(4, 3),
+                           x[2:].double().t().sum(1, keepdim=True).expand(4, 3)])
+    assert torch.allclose(p.main_grad.double(), ref, atol=0.05)
+
+
+# ---- kernel limits ------------------------------------------------------------------------------
+
+def test_many_groups_split_into_calls_of_at_most_1024(npu):
+    e = 1030
+    counts = [i % 3 for i in range(e)]
+    x = torch.randn(sum(counts), 4, requires_grad=True)
+    w = torch.randn(e, 4, 2, requires_grad=True)
+    y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor(counts))
+    y.backward(torch.ones_like(y))
+    calls = kernel_calls(npu)
+    assert all(len(kw["group_list"]) <= 1024 for kw in calls)
+    assert [kw["group_type"] for kw in calls].count(2) == 2  # dW in two calls too
+    assert close(y, gmm_reference(x, w, counts), torch.float32, 4)
+    assert torch.allclose(w.grad[2], x[1:3].sum(0)[:, None].expand(4, 2))  # group 2 holds rows 1..2
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+@pytest.mark.parametrize("device_style", [False, True])
+def test_chunking_every_case(monkeypatch, api, device_style):
+    """Limit patched to 3 groups a call: chunks of one group, empty chunks, cumsum rebasing."""
+    monkeypatch.setattr(npu_backend, "MAX_GROUPS_PER_CALL", 3)
+    counts = [2, 0, 3, 0, 0, 0, 1, 4, 0, 2]
+    total = sum(counts)
+    values = counts if api == "v2" else torch.tensor(counts).cumsum(0).tolist()
+    groups = make_groups(values, cumsum=api == "v1", total=total, device=torch.device("cpu"), axis="M")
+    if device_style:  # as a device group_list would arrive: no host copy
+        groups = Groups(groups.cumsum, groups.values, total, host=None)
+    x, w = torch.randn(total, 5), torch.randn(len(counts), 5, 3)
+    a, b = torch.randn(total, 4).t(), torch.randn(total, 6)
+    out = torch.randn(len(counts), 4, 6)
+    out_ref = out.clone()
+    with double.installed():
+        double.calls.clear()
+        y = NpuBackend().grouped_mm(x, w, groups)
+        gk = NpuBackend().grouped_mm_k(a, b, groups)
+        NpuBackend().grouped_mm_k(a.bfloat16(), b.bfloat16(), groups, out=out)
+    assert all(len(kw["group_list"]) <= 3 for _, kw in double.calls)
+    assert close(y, gmm_reference(x, w, counts), torch.float32, 5)
+    assert close(gk, gmm_reference(a, b, counts, group_type=2), torch.float32, total)
+    ref_out = out_ref.double() + gmm_reference(a.bfloat16(), b.bfloat16(), counts, group_type=2)
+    assert torch.allclose(out.double(), ref_out, atol=1e-4)
+
+
+def test_length_one_group_list_never_reaches_the_gmm_kernel(npu):
+    x = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(1, 4, 3, requires_grad=True)
+    y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor([6]))
+    y.backward(torch.ones_like(y))
+    assert kernel_calls(npu) == []
+    assert torch.allclose(y, x @ w[0]) and torch.allclose(w.grad[0], x.sum(0)[:, None].expand(4, 3))
+
+
+def test_length_one_with_fusion_uses_the_add_op(npu):
+    p = torch.nn.Parameter(torch.randn(1, 4, 3, dtype=torch.bfloat16))
+    p.main_grad = torch.zeros(1, 4, 3)
+    x = torch.randn(6, 4, dtype=torch.bfloat16, requires_grad=True)
+    gmm.npu_gmm_v2(x, p, group_list=torch.tensor([6]), gemm_fusion=True, original_weight=p).sum().backward()
+    (add,) = kernel_calls(npu, "npu_grouped_matmul_add_")
+    assert add["group_list"].tolist() == [6]
+    assert torch.allclose(p.main_grad[0].double(), x.double().sum(0)[:, None].expand(4, 3), atol=1e-2)
+
+
+@pytest.mark.parametrize("wide", ["K", "N"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_last_dims_of_65536_or_more_are_split(npu, wide, dtype):
+    k, n = (65537, 3) if wide == "K" else (3, 65537)
+    counts = [1, 2]
+    x = torch.randn(3, k, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, k, n, dtype=dtype, requires_grad=True)
+    y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor(counts))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    for kw in kernel_calls(npu):
+        xt, wt = kw["x"][0], kw["weight"][0]
+        x_last = xt.shape[0] if kw["group_type"] == 2 else xt.shape[1]
+        w_last = wt.shape[-2] if wt.dim() == 3 and not wt.is_contiguous() else wt.shape[-1]
+        assert x_last < 65536 and w_last < 65536
+    # K blocks are partial sums, each rounded once, added in float32: within the same tolerance
+    assert close(y, gmm_reference(x, w, counts), dtype, k)
+    gx_ref = torch.cat([dy[:1].double() @ w[0].double().t(), dy[1:].double() @ w[1].double().t()])
+    assert close(x.grad, gx_ref, dtype, n)
+    gw_ref = torch.stack([x[:1].double().t() @ dy[:1].double(), x[1:].double().t() @ dy[1:].double()])
+    assert close(w.grad, gw_ref, dtype, 2)
+
+
+def test_wide_fusion_falls_back_to_block_accumulation(npu):
+    k = 65537
+    p = torch.nn.Parameter(torch.randn(2, k, 2, dtype=torch.bfloat16))
+    p.main_grad = torch.zeros(2, k, 2)
+    x = torch.randn(3, k, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(3, 2, dtype=torch.bfloat16)
+    gmm.npu_gmm_v2(x, p, group_list=torch.tensor([1, 2]), gemm_fusion=True, original_weight=p).backward(dy)
+    assert kernel_calls(npu, "npu_grouped_matmul_add_") == []  # P >= 65536: not fusable, no kernel error
+    ref = torch.stack([x[:1].double().t() @ dy[:1].double(), x[1:].double().t() @ dy[1:].double()])
+    assert torch.allclose(p.main_grad.double(), ref, atol=0.05)
+
+
+def test_dims_beyond_int32_are_a_clear_error_before_any_call():
+    x = torch.zeros(1, 1).expand(2**31, 1)  # no memory behind it
+    groups = Groups(False, torch.tensor([2**31, 0]), 2**31, host=None)
+    with double.installed():
+        double.calls.clear()
+        with pytest.raises(ValueError, match="too large for the aclnn GroupedMatmul kernel"):
+            NpuBackend().grouped_mm(x, torch.zeros(2, 1, 1), groups)
+    assert double.calls == []
+
+
+@pytest.mark.parametrize("values, cumsum", [([2, 1, 1], False), ([6, 0, 9], False), ([-3, 9, 2], False),
+                                            ([2, 9, 9], False), ([2, 1, 3], True), ([2, 7, 9], True),
+                                            ([5, 2, 6], True), ([-1, 3, 6], True)])
+@pytest.mark.parametrize("limit", [1024, 2])
+def test_bad_device_group_list_never_reaches_the_kernel(monkeypatch, values, cumsum, limit):
+    """Overrunning, short, negative or decreasing device group_lists: sanitised before the kernel,
+    so it reads nothing outside x and leaves no row uninitialised (the async assert reports them);
+    with a limit of 2 groups a call, the same through several calls."""
+    monkeypatch.setattr(npu_backend, "MAX_GROUPS_PER_CALL", limit)
+    total = 6
+    groups = Groups(cumsum, torch.tensor(values), total, host=None)
+    x, w = torch.randn(total, 4), torch.randn(3, 4, 2)
+    a, b = torch.randn(total, 3).t(), torch.randn(total, 5)
+    with double.installed():  # the double raises KernelContractViolation on any unsafe group_list
+        y = NpuBackend().grouped_mm(x, w, groups)
+        gk = NpuBackend().grouped_mm_k(a, b, groups)
+        out = torch.zeros(3, 3, 5)
+        NpuBackend().grouped_mm_k(a.bfloat16(), b.bfloat16(), groups, out=out)
+    # Documented sanitising: counts are clamped to [0, total], a shortfall goes to the last group,
+    # an overrun sends every row to the last group; cumsum offsets are clamped, made non-decreasing
+    # and end at total (Groups.safe_offsets, as in the torch backend).
+    if cumsum:
+        ends = [min(max(v, 0), total) for v in values]
+        ends = [max(ends[:i + 1]) for i in range(len(ends))][:-1] + [total]
+        counts = [b - a for a, b in zip([0] + ends[:-1], ends)]
+    else:
+        counts = [min(max(v, 0), total) for v in values]
+        counts = counts[:-1] + [counts[-1] + total - sum(counts)] if sum(counts) <= total else [0, 0, total]
+    assert close(y, gmm_reference(x, w, counts), torch.float32, 4)
+    assert close(gk, gmm_reference(a, b, counts, group_type=2), torch.float32, total)
+    assert torch.allclose(out.double(), gmm_reference(a.bfloat16(), b.bfloat16(), counts, group_type=2), atol=1e-4)
+    if cumsum:  # the same numbers as the torch backend
+        assert torch.allclose(y, TorchBackend().grouped_mm(x, w, Groups(True, torch.tensor(values), total, None)))
+
+
+def test_device_mismatch_has_mindspeeds_message():
+    groups = Groups(False, torch.tensor([1, 1], device="meta"), 2, host=None)
+    with double.installed(), pytest.raises(RuntimeError) as info:
+        NpuBackend().grouped_mm(torch.randn(2, 3), torch.randn(2, 3, 4), groups)
+    assert str(info.value) == ("Expected all tensors to be on the same device, but found at least two devices, "
+                               "cpu(arg0) and meta(group_list)!")
+
+
+def test_empty_operands_make_no_call(npu):
+    x = torch.randn(0, 4, requires_grad=True)
+    w = torch.randn(2, 4, 3, requires_grad=True)
+    y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor([0, 0]))
+    y.sum().backward()
+    assert y.shape == (0, 3) and kernel_calls(npu) == [] and torch.equal(w.grad, torch.zeros(2, 4, 3))
+
+
+# ---- torch_npu availability ---------------------------------------------------------------------
+
+def test_supports_cpu_only_under_the_double():
+    backend = NpuBackend()
+    assert backend.supports(torch.device("cpu")) is ("torch_npu" in sys.modules and npu_backend.is_test_double())
+    with double.installed():
+        assert backend.supports(torch.device("cpu"))
+    assert not backend.supports(torch.device("cuda", 0)) and not backend.supports(torch.device("meta"))
+
+
+def test_missing_torch_npu_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` fails
+    with pytest.raises(ImportError) as info:
+        npu_backend.load_torch_npu()
+    msg = str(info.value)
+    assert "torch_npu" in msg and "CANN 8.0.RC3" in msg and "TORCH_DEVICE_BACKEND_AUTOLOAD=0" in msg
+
+
+def test_too_old_torch_npu_is_a_clear_error(monkeypatch):
+    old = types.ModuleType("torch_npu")
+    old.__version__ = "2.1.0"
+
+    def npu_grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0):  # the 2023 signature
+        raise AssertionError("must not be called")
+
+    old.npu_grouped_matmul = npu_grouped_matmul
+    monkeypatch.setitem(sys.modules, "torch_npu", old)
+    with pytest.raises(RuntimeError, match=r"torch_npu 2\.1\.0 is too old: .*group_list_type, group_type"):
+        npu_backend.load_torch_npu()
+    del old.npu_grouped_matmul
+    with pytest.raises(RuntimeError, match="has no npu_grouped_matmul"):
+        npu_backend.load_torch_npu()
+
+
+def test_forcing_npu_on_cpu_without_torch_npu_is_an_error():
+    assert "torch_npu" not in sys.modules or not npu_backend.is_test_double()
+    gmm_plugin.set_backend("npu")
+    try:
+        with pytest.raises(ValueError, match="backend 'npu' cannot run on device cpu"):
+            gmm.npu_gmm_v2(torch.randn(2, 3), torch.randn(2, 3, 4), group_list=torch.tensor([1, 1]))
+    finally:
+        gmm_plugin.set_backend(None)
+
+
+def test_import_never_imports_torch_npu(tmp_path):
+    """A torch_npu that blows up on import: gmm_plugin, CPU calls and `gmm-plugin info` never touch it."""
+    (tmp_path / "torch_npu").mkdir()
+    (tmp_path / "torch_npu" / "__init__.py").write_text("raise RuntimeError('torch_npu was imported')\n")
+    code = ("import sys, torch, gmm_plugin\n"
+            "from gmm_plugin.backends import npu\n"
+            "y = gmm_plugin.npu_gmm_v2(torch.randn(4, 3), torch.randn(2, 3, 2), group_list=torch.tensor([1, 3]))\n"
+            "from gmm_plugin import cli; cli.main(['info'])\n"
+            "assert 'torch_npu' not in sys.modules\n"
+            "print('OK')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), TORCH_DEVICE_BACKEND_AUTOLOAD="0")
+    env.pop("GMM_PLUGIN_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("OK") and "installed, not imported" not in proc.stdout
+
+
+# ---- the double itself raises where the real ops would -------------------------------------------
+
+def gmm_args(**kw):
+    base = dict(group_list=torch.tensor([2, 2]), split_item=3, group_type=0, group_list_type=1)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("x, w, kw, error, match", [
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_type=None), RuntimeError, "Requires manual passing"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(split_item=0), RuntimeError, "split_item 2 or 3"),
+    (torch.randn(3, 4).t(), torch.randn(2, 3, 2), {}, RuntimeError, "x must be contiguous"),
+    (torch.randn(4, 3), torch.randn(2, 6, 2)[:, ::2], {}, RuntimeError, "contiguous or a transposed view"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=[2, 2]), NotImplementedError, ".List overload"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([2, 2], dtype=torch.int32)),
+     RuntimeError, "int64"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([2, 3])), double.KernelContractViolation,
+     "read out of bounds"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([2, 1])), double.KernelContractViolation,
+     "uninitialised"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([3, 2]), group_list_type=0),
+     double.KernelContractViolation, "decreasing"),
+    (torch.randn(4, 3), torch.randn(1, 3, 2), dict(group_list=torch.tensor([4])), double.KernelContractViolation,
+     "length 1"),
+    (torch.randn(4, 3).double(), torch.randn(2, 3, 2).double(), {}, RuntimeError, "float16, bfloat16"),
+    (torch.randn(2, 65536), torch.randn(2, 65536, 1), dict(group_list=torch.tensor([1, 1])), RuntimeError,
+     "below 65536"),
+    (torch.randn(4, 3), torch.randn(1025, 3, 1), dict(group_list=torch.zeros(1025, dtype=torch.int64)),
+     RuntimeError, "at most 1024"),
+    (torch.randn(3, 4), torch.randn(4, 2), dict(group_type=2), RuntimeError, "x transposed"),
+])
+def test_double_gmm_rejects(x, w, kw, error, match):
+    with pytest.raises(error, match=match):
+        double.npu_grouped_matmul([x], [w], **gmm_args(**kw))
+
+
+def test_double_add_op_contract():
+    x, dy = torch.randn(5, 4, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16)
+    out = torch.ones(2, 4, 3)
+    gl = torch.tensor([2, 5])
+    assert double.npu_grouped_matmul_add_(out, x, dy, gl) is out
+    ref = 1 + torch.stack([x[:2].double().t() @ dy[:2].double(), x[2:].double().t() @ dy[2:].double()])
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    with pytest.raises(double.KernelContractViolation, match="reads group_list as cumsum"):
+        double.npu_grouped_matmul_add_(out, x, dy, torch.tensor([2, 3]), group_list_type=1)
+    with pytest.raises(RuntimeError, match="self must be contiguous"):
+        double.npu_grouped_matmul_add_(torch.ones(2, 3, 4).transpose(-1, -2), x, dy, gl)
+    with pytest.raises(RuntimeError, match="float16 or both bfloat16"):
+        double.npu_grouped_matmul_add_(out, x.float(), dy.float(), gl)
+    with pytest.raises(double.KernelContractViolation, match="read out of bounds"):
+        double.npu_grouped_matmul_add_(out, x, dy, torch.tensor([2, 6]))
