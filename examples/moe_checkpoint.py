@@ -11,6 +11,7 @@ leftover temporary files are ignored and cleaned up by the next run.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import shutil
 import torch
 
 LATEST = "latest"
+META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -81,13 +83,18 @@ def latest_step(ckpt_dir: str) -> int | None:
 
 
 def save(ckpt_dir: str, step: int, rank: int, state: dict, *, barrier, keep: int = 2,
-         before_rename=None) -> None:
-    """Every rank calls this; barrier() must synchronize all ranks (a no-op for one process)."""
+         before_rename=None, meta: dict | None = None) -> None:
+    """Every rank calls this; barrier() must synchronize all ranks (a no-op for one process).
+
+    meta (rank 0's): a small JSON description (the run's config), readable without torch.
+    """
     path = rank_file(ckpt_dir, step, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_torch_save(state, path, before_rename=before_rename)
     barrier()  # every rank's file is in place before `latest` moves
     if rank == 0:
+        if meta is not None:
+            atomic_write_bytes(os.path.join(ckpt_dir, step_dir_name(step), META), json.dumps(meta, indent=1).encode())
         atomic_write_bytes(os.path.join(ckpt_dir, LATEST), (step_dir_name(step) + "\n").encode())
         _prune(ckpt_dir, keep)
     barrier()
@@ -99,6 +106,11 @@ def load(ckpt_dir: str, step: int, rank: int) -> dict:
         raise RuntimeError(f"{path}: missing; was the checkpoint written by a run with another "
                            "number of processes?")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_meta(ckpt_dir: str, step: int) -> dict:
+    with open(os.path.join(ckpt_dir, step_dir_name(step), META), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _prune(ckpt_dir: str, keep: int) -> None:

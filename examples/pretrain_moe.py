@@ -596,6 +596,25 @@ def plot_losses(rows: list[dict], path: str, title: str) -> str | None:
     return None
 
 
+def check_resume(cfg: dict, ckpt_dir: str, world: int) -> int | None:
+    """The step to resume from (None: no checkpoint yet). A checkpoint of a different run
+    (model, data, training settings or number of processes) is an error listing the differences."""
+    step = moe_checkpoint.latest_step(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if step is None:
+        return None
+    meta = moe_checkpoint.load_meta(ckpt_dir, step)
+    saved = meta["config"]
+    diffs = [f"{s}.{k}: checkpoint {saved[s].get(k)!r}, now {cfg[s][k]!r}"
+             for s in RESUME_MUST_MATCH for k in cfg[s] if k != "cache_dir" and saved[s].get(k) != cfg[s][k]]
+    if meta["world_size"] != world:
+        diffs.append(f"processes: checkpoint {meta['world_size']}, now {world}")
+    if diffs:
+        raise ConfigError(f"--resume: {os.path.join(ckpt_dir, moe_checkpoint.step_dir_name(step))} belongs to a "
+                          "different run (use another --out-dir, or drop --resume to start over):\n  "
+                          + "\n  ".join(diffs))
+    return step
+
+
 def main(argv=None) -> int:
     t_start = time.time()
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -615,7 +634,20 @@ def main(argv=None) -> int:
             parser.exit(2, f"pretrain_moe.py: error: data path {cfg['data']['path']!r} {what}; pass a .txt or "
                            ".jsonl file, a Megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx), or 'stdlib'\n")
 
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    resume_step = None
+    if args.resume:
+        try:
+            resume_step = check_resume(cfg, ckpt_dir, world_env)
+        except (ConfigError, RuntimeError) as e:
+            parser.exit(2, f"pretrain_moe.py: error: {e}\n")
+
     device = pick_device(args.device)
+    if device == "cpu":
+        # Megatron wraps a few small functions in torch.compile (@jit_fuser); none is on this
+        # example's hot path, and compiling them costs seconds per process on a CPU.
+        import torch._dynamo
+        torch._dynamo.config.disable = True
     ep = cfg["train"]["expert_parallel_size"]
     rank, world = init_distributed(device, ep)
     is_main = rank == 0
@@ -675,7 +707,6 @@ def main(argv=None) -> int:
     batches = Batches(dataset, cfg, dp_rank, dp_size, device)
 
     # Output folder: a fresh run starts clean; --resume continues from the last whole checkpoint.
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     start_step = 0
     if is_main:
@@ -687,30 +718,23 @@ def main(argv=None) -> int:
                     os.remove(os.path.join(out_dir, name))
         moe_checkpoint.clean_partial(ckpt_dir)
     barrier()
-    if args.resume:
-        found = moe_checkpoint.latest_step(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if found is None:
+    if resume_step is None:
+        if args.resume:
             log(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0")
             if is_main and os.path.exists(metrics_path):
                 os.remove(metrics_path)
-        else:
-            state = moe_checkpoint.load(ckpt_dir, found, rank)
-            diffs = [f"{s}.{k}: checkpoint {state['config'][s][k]!r}, now {cfg[s][k]!r}"
-                     for s in RESUME_MUST_MATCH for k in cfg[s]
-                     if k != "cache_dir" and state["config"][s].get(k) != cfg[s][k]]
-            if state["world_size"] != world:
-                diffs.append(f"processes: checkpoint {state['world_size']}, now {world}")
-            if diffs:
-                raise SystemExit("--resume: the run differs from the checkpoint's:\n  " + "\n  ".join(diffs))
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"], device)
-            start_step = state["step"]
-            if is_main:  # drop metric rows the killed run wrote after this checkpoint
-                rows = read_metrics(metrics_path, upto=start_step)
-                moe_checkpoint.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-            log(f"resumed from {moe_checkpoint.rank_file(ckpt_dir, start_step, rank)} (step {start_step})")
+    else:
+        state = moe_checkpoint.load(ckpt_dir, resume_step, rank)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], device)
+        start_step = state["step"]
+        del state
+        if is_main:  # drop metric rows the killed run wrote after this checkpoint
+            rows = read_metrics(metrics_path, upto=start_step)
+            moe_checkpoint.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        log(f"resumed from {moe_checkpoint.rank_file(ckpt_dir, start_step, rank)} (step {start_step})")
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = t["global_batch_size"] * m["seq_length"]
@@ -787,7 +811,8 @@ def main(argv=None) -> int:
                      "world_size": world, "plugin": None if plugin_cfg is None else plugin_cfg.to_dict()}
             hook = die if fault_kind == "kill-in-save" and done == fault_step else None
             moe_checkpoint.save(ckpt_dir, done, rank, state, barrier=barrier,
-                                keep=cfg["output"]["keep_checkpoints"], before_rename=hook)
+                                keep=cfg["output"]["keep_checkpoints"], before_rename=hook,
+                                meta={"step": done, "config": cfg, "world_size": world})
     if metrics_file is not None:
         metrics_file.close()
 

@@ -92,6 +92,22 @@ def test_bad_data_path_is_a_clear_error(pretrain, capsys, tmp_path):
     assert "is a directory" in err
 
 
+def test_resume_refuses_a_different_run_before_starting(pretrain, capsys, tmp_path):
+    args = pretrain.build_parser().parse_args(["--config", CI_PRESET, "--out-dir", str(tmp_path)])
+    cfg, _ = pretrain.resolve_config(args, world_size=1)
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step_000010").mkdir(parents=True)
+    (ckpt / "step_000010" / "meta.json").write_text(json.dumps({"step": 10, "config": cfg, "world_size": 1}))
+    (ckpt / "latest").write_text("step_000010\n")
+    assert pretrain.check_resume(cfg, str(ckpt), 1) == 10
+    err = _error(pretrain, capsys, "--config", CI_PRESET, "--out-dir", str(tmp_path), "--resume", "--seed", "7",
+                 "--set", "model.hidden_size=64")
+    assert "belongs to a different run" in err
+    assert "train.seed: checkpoint 1234, now 7" in err and "model.hidden_size: checkpoint 32, now 64" in err
+    with pytest.raises(pretrain.ConfigError, match="processes: checkpoint 1, now 2"):
+        pretrain.check_resume(cfg, str(ckpt), 2)
+
+
 # ---------------------------------------------------------------- data
 
 @pytest.fixture
