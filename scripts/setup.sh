@@ -9,4 +9,25 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first and pinned: the local CPU wheel. A bare 'torch' requirement would pull a CUDA build.
 $PIP install torch==2.13.0
 $PIP install -e ".[megatron,test]"
-echo "setup.sh: .venv ready"
+
+# Megatron-core version matrix for tests/patches: every version of MCORE_MATRIX other than the one
+# in .venv goes to .mcore/<version> (pip --target, --no-deps: torch, numpy and packaging come from
+# .venv); tools/run_tests.py runs tests/patches once per folder with it first on PYTHONPATH.
+# 0.17+ declare Requires-Python >=3.12 but ship cp311 wheels that work; they import triton
+# unconditionally (a 3.9.0 wheel, no dependencies). MCORE_MATRIX="" skips the matrix.
+MCORE_MATRIX=${MCORE_MATRIX-"0.12.1 0.16.1 0.19.2"}
+main_mcore=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('megatron-core'))" 2>/dev/null || true)
+needs_triton() { case "$1" in 0.1[7-9].*) return 0 ;; *) return 1 ;; esac; }
+if needs_triton "$main_mcore" && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+    $PIP install --no-deps triton==3.9.0
+fi
+for v in $MCORE_MATRIX; do
+    [ "$v" = "$main_mcore" ] && continue
+    dir=".mcore/$v"
+    [ -f "$dir/.complete" ] && continue
+    rm -rf "$dir"
+    $PIP install --no-deps --ignore-requires-python --target "$dir" "megatron-core==$v"
+    if needs_triton "$v"; then $PIP install --no-deps --target "$dir" triton==3.9.0; fi
+    touch "$dir/.complete"
+done
+echo "setup.sh: .venv ready (megatron-core ${main_mcore:-none}; matrix: $(ls .mcore 2>/dev/null | tr '\n' ' '))"
