@@ -60,15 +60,14 @@ def _check(name, got, want, dtype):
 
 
 # fp16 only with 4 experts: CPUs have no fast fp16 GEMM, once is enough to cover the dtype.
-EXPERT_CASES = [(num, glu, dtype, zero_rank)
+EXPERT_CASES = [pytest.param(num, glu, dtype, zero_rank, id=f"E{num}-{'glu' if glu else 'noglu'}-"
+                             f"{str(dtype)[6:]}-{'zero_token_rank' if zero_rank else 'tokens'}")
                 for num in (1, 4, 8) for glu in (True, False) for zero_rank in (False, True)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16)
                 if dtype != torch.float16 or num == 4]
 
 
-@pytest.mark.parametrize("num,glu,dtype,zero_rank", EXPERT_CASES,
-                         ids=lambda v: {True: "T", False: "F"}.get(v, str(v)) if not isinstance(v, torch.dtype)
-                         else str(v).replace("torch.", ""))
+@pytest.mark.parametrize("num,glu,dtype,zero_rank", EXPERT_CASES)
 def test_experts_match_sequential_mlp(num, glu, dtype, zero_rank):
     seq, grouped = _pair(num, glu, dtype)
     counts = torch.tensor([0] * num if zero_rank else COUNTS[num])
@@ -101,8 +100,10 @@ def _starve(layer, experts):
 
 
 # alltoall everywhere; allgather for a few cases (its experts see the same thing).
-LAYER_CASES = [(num, topk, glu, "alltoall") for num in (1, 4, 8) for topk in (1, 2) for glu in (True, False)
-               if topk <= num] + [(num, topk, True, "allgather") for num in (4, 8) for topk in (1, 2)]
+LAYER_CASES = [pytest.param(num, topk, glu, disp, id=f"E{num}-top{topk}-{'glu' if glu else 'noglu'}-{disp}")
+               for num, topk, glu, disp in
+               [(n, k, g, "alltoall") for n in (1, 4, 8) for k in (1, 2) for g in (True, False) if k <= n]
+               + [(n, k, True, "allgather") for n in (4, 8) for k in (1, 2)]]
 
 
 @pytest.mark.parametrize("num,topk,glu,dispatcher", LAYER_CASES)
