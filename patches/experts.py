@@ -211,6 +211,16 @@ def make_grouped_mlp_class():
         def backward_dw(self):
             """No deferred weight-gradient work: dW is computed (or fused) in backward."""
 
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            # Megatron's default sharding knows nothing of the expert-parallel (or expert-TP) split:
+            # with either, a distributed checkpoint would be wrong, so refuse instead.
+            if self.ep_group.size() > 1 or self.tp_group.size() > 1:
+                raise NotImplementedError(
+                    "distributed checkpointing (sharded_state_dict) of gmm-plugin's GmmGroupedMLP is "
+                    "supported only without expert parallelism and expert tensor parallelism; use "
+                    "state_dict() checkpoints, or disable the plugin for this run.")
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     return GmmGroupedMLP
 
 

@@ -176,3 +176,13 @@ def test_state_dict_round_trips():
     counts, x, probs = torch.tensor(COUNTS[4]), torch.randn(10, 16), torch.rand(10)
     assert torch.equal(a(x, counts, probs)[0], b(x, counts, probs)[0])
     assert all(torch.equal(sd[k], v) for k, v in b.state_dict().items() if torch.is_tensor(v))
+
+
+@pytest.mark.skipif(h.version()[:2] < (0, 17), reason="0.12-0.16 keep Megatron's own GroupedMLP.sharded_state_dict")
+def test_sharded_state_dict_without_ep_and_refused_with_ep(monkeypatch):
+    module = h.build_grouped(4, h.make_config(experts=4))
+    sd = module.sharded_state_dict(prefix="mlp.experts.")
+    assert {v.key for v in sd.values()} == {"mlp.experts.weight1", "mlp.experts.weight2"}
+    monkeypatch.setattr(module, "ep_group", type("EP2", (), {"size": lambda self: 2, "rank": lambda self: 0})())
+    with pytest.raises(NotImplementedError, match="expert parallelism"):
+        module.sharded_state_dict()
