@@ -72,18 +72,18 @@ def load_config(source=None, *, env: Mapping[str, str] | None = None,
     means "flag not given" and is skipped.
     """
     values: dict[str, Any] = {}
-    origin = None
+    origin, prefix = None, ""
     if isinstance(source, GmmPluginConfig):
         values, origin = {k: getattr(source, k) for k in KEYS}, source.source
     elif isinstance(source, Mapping):
         origin = "<mapping>"
-        values = _section(source, origin)
+        values, prefix = _section(source, origin)
     elif isinstance(source, (str, os.PathLike)):
         origin = os.fspath(source)
-        values = _section(_read_yaml(origin), origin)
+        values, prefix = _section(_read_yaml(origin), origin)
     elif source is not None:
         raise ConfigError(f"config source must be a YAML path, a mapping or None, got {type(source).__name__}.")
-    values = {k: _coerce(k, v, origin) for k, v in values.items()}
+    values = {k: _coerce(k, v, origin, prefix) for k, v in values.items()}
 
     env = os.environ if env is None else env
     for key, var in ENV_VARS.items():
@@ -146,20 +146,20 @@ def _strict_loader():
     return StrictLoader
 
 
-def _section(data, origin: str) -> dict[str, Any]:
-    """The plugin's keys: the mapping itself, or its `gmm_plugin:` section."""
+def _section(data, origin: str) -> tuple[dict[str, Any], str]:
+    """The plugin's keys (the mapping itself, or its `gmm_plugin:` section) and their key prefix."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{origin}: the config must be a mapping of keys to values, got {type(data).__name__}.")
     prefix = ""
     if SECTION in data:
         data, prefix = data[SECTION], SECTION + "."
         if data is None:
-            return {}
+            return {}, prefix
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: key '{SECTION}' must be a mapping of the plugin's keys, "
                               f"got {type(data).__name__}.")
     _check_keys(data, origin, prefix)
-    return dict(data)
+    return dict(data), prefix
 
 
 def _check_keys(data: Mapping, origin: str, prefix: str = "") -> None:
@@ -173,28 +173,28 @@ def _check_keys(data: Mapping, origin: str, prefix: str = "") -> None:
                               f"{', '.join(KEYS)}{nest}.")
 
 
-def _coerce(key: str, value, where: str | None) -> Any:
-    """Check one typed value (from YAML, a mapping or overrides)."""
-    where = where or "config"
+def _coerce(key: str, value, where: str | None, prefix: str = "") -> Any:
+    """Check one typed value (from YAML, a mapping or overrides); errors name prefix + key."""
+    where, label = where or "config", prefix + key
     default = GmmPluginConfig.__dataclass_fields__[key].default
     if key in _CHOICES:
         if isinstance(value, bool) and key == "cpu_shim":
             return "on" if value else "off"  # YAML 1.1 reads a bare `on`/`off` as a bool
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: key '{key}' must be a string, one of {', '.join(_CHOICES[key])}; "
+            raise ConfigError(f"{where}: key '{label}' must be a string, one of {', '.join(_CHOICES[key])}; "
                               f"got {value!r} ({type(value).__name__}).")
-        return _choice(key, value, where)
+        return _choice(key, value, where, label)
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{where}: key '{key}' must be true or false, got {value!r} ({type(value).__name__}).")
+        raise ConfigError(f"{where}: key '{label}' must be true or false, got {value!r} ({type(value).__name__}).")
     return value
 
 
-def _choice(key: str, value: str, where: str) -> str:
+def _choice(key: str, value: str, where: str, label: str | None = None) -> str:
     norm = value.strip().lower()
     if norm not in _CHOICES[key]:
         close = difflib.get_close_matches(norm, _CHOICES[key], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: key '{key}' must be one of {', '.join(_CHOICES[key])}, "
+        raise ConfigError(f"{where}: key '{label or key}' must be one of {', '.join(_CHOICES[key])}, "
                           f"got {value!r}{hint}.")
     return norm
 

@@ -150,6 +150,14 @@ def test_unknown_key_did_you_mean(tmp_path):
     assert "did you mean" not in error_of({"zzzz": 1})
 
 
+def test_errors_in_a_section_name_the_full_key(tmp_path):
+    path = write(tmp_path, "gmm_plugin:\n  gemm_fusion: maybe\n  backend: torch\n")
+    msg = error_of(path)
+    assert path in msg and "key 'gmm_plugin.gemm_fusion' must be true or false" in msg
+    msg = error_of({"gmm_plugin": {"backend": "cuda"}})
+    assert "<mapping>: key 'gmm_plugin.backend' must be one of" in msg
+
+
 def test_source_is_not_a_settable_key():
     assert "unknown key 'source'" in error_of({"source": "x"})
 
