@@ -15,10 +15,8 @@ Suites (``--suite``):
 
 Timing: every case of a group runs once per round, the rounds rotate the order, and the figure is
 the minimum over the rounds; ratios compare cases timed in the same process and the same rounds.
-Peak memory is the highest net number of bytes torch's allocator handed out during one call
-(allocations minus frees, from the profiler's memory events; ``torch.cuda.max_memory_allocated``
-on CUDA); it counts tensors (outputs, gradients, temporaries) but not the private scratch buffers
-of MKL or oneDNN.
+Peak memory is the growth of the resident set during one call on CPU (see `peak_bytes`), and
+``torch.cuda.max_memory_allocated`` above the starting point on CUDA.
 """
 from __future__ import annotations
 
@@ -101,7 +99,14 @@ def time_cases(cases: dict, repeat: int, warmup: int, device: torch.device) -> d
 
 
 def peak_bytes(fn, device: torch.device) -> int | None:
-    """Highest net allocation (bytes) above the starting point while fn runs."""
+    """Highest memory use above the starting point while fn runs, in bytes.
+
+    CUDA: torch's allocator statistics. CPU: the resident-set high-water mark (VmHWM, reset
+    through /proc/self/clear_refs) after malloc_trim has handed freed heap pages back, so every
+    page fn touches is counted, in every thread (the torch backend's GEMM workers included) and
+    every allocator (MKL and oneDNN scratch included). Where /proc is unavailable it falls back
+    to the profiler's allocation events, which see only the calling thread.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -109,6 +114,33 @@ def peak_bytes(fn, device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
+    try:
+        return _rss_peak(fn)
+    except (OSError, AttributeError, ValueError):
+        return _profiler_peak(fn)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise ValueError(key)
+
+
+def _rss_peak(fn) -> int:
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    start = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    fn()
+    return max(0, _status_kb("VmHWM") - start) * 1024
+
+
+def _profiler_peak(fn) -> int | None:
     from torch.profiler import ProfilerActivity, profile
     try:
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -420,10 +452,6 @@ def evaluate_targets(rows: list[Row]) -> list[Target]:
     return out
 
 
-def _layer_targets(rows) -> list[Target]:
-    return []
-
-
 # -------------------------------------------------------------------------------------- output
 
 def machine_info() -> dict:
@@ -609,8 +637,178 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def layer_suite(args):
-    return [], "not written yet"
+
+# ---------------------------------------------------------------------------------- layer suite
+
+def _ensure_world() -> None:
+    """A one-process gloo group and Megatron's parallel state (TP=EP=PP=1), unless there is one."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    if not dist.is_initialized():
+        path = os.path.join(tempfile.mkdtemp(prefix="gmm_bench_gloo_"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+
+
+def _layer_config(args, experts, dtype, grouped):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    return TransformerConfig(
+        num_layers=1, hidden_size=args.hidden, num_attention_heads=8, ffn_hidden_size=args.ffn,
+        moe_ffn_hidden_size=args.ffn, num_moe_experts=experts, moe_router_topk=args.topk,
+        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=grouped, use_cpu_initialization=True,
+        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu, bias_activation_fusion=False,
+        gradient_accumulation_fusion=False, moe_aux_loss_coeff=0.0, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0, moe_permute_fusion=False)
+
+
+def _build_moe_layer(config):
+    import functools
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import build_module
+    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts,
+                               moe_grouped_gemm=config.moe_grouped_gemm)
+    layer = spec(config=config) if isinstance(spec, functools.partial) else build_module(spec, config=config)
+    return layer
+
+
+def _loop_gmm(a, b, batch_sizes, trans_b=False):
+    """A per-expert torch.mm loop with grouped_gemm.ops.gmm's signature (the legacy GroupedMLP's
+    kernel where the grouped_gemm package is missing, as it is on CPU)."""
+    sizes = batch_sizes.tolist()
+    parts = [torch.mm(xe, b[e].t() if trans_b else b[e]) for e, xe in enumerate(torch.split(a, sizes))]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[-2 if trans_b else -1])
+
+
+class _LegacyLoop:
+    """Unpatched legacy GroupedMLP with _loop_gmm as grouped_gemm (megatron-core 0.12-0.16)."""
+
+    def __enter__(self):
+        from megatron.core.transformer.moe import grouped_gemm_util as gg
+        from megatron.core.transformer.moe import moe_utils
+        self.saved = [(gg, "ops", gg.__dict__.get("ops")), (gg, "grouped_gemm", gg.__dict__.get("grouped_gemm")),
+                      (moe_utils, "te_general_gemm", moe_utils.__dict__.get("te_general_gemm", _MISSING))]
+        gg.ops = argparse.Namespace(gmm=_loop_gmm)
+        gg.grouped_gemm = gg.grouped_gemm or object()
+        if "te_general_gemm" not in vars(moe_utils):  # 0.16 without TE: NameError in the router
+            moe_utils.te_general_gemm = None
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, value in self.saved:
+            if value is _MISSING:
+                delattr(mod, name)
+            else:
+                setattr(mod, name, value)
+
+
+_MISSING = object()
+
+
+def layer_suite(args) -> tuple[list[Row], str | None]:
+    """Megatron MoELayer forward+backward: plugin vs SequentialMLP (vs legacy GroupedMLP)."""
+    try:
+        import megatron.core  # noqa: F401
+
+        import patches
+        from patches import cpu_platform
+    except ImportError as e:
+        return [], f"needs megatron-core and the patches package ({e})"
+    import warnings
+
+    from gmm_plugin.config import load_config
+    warnings.filterwarnings("ignore", module=r"megatron\..*")  # TE/Apex missing, deprecations
+    cpu_platform.enable(force=True)
+    _ensure_world()
+    legacy = patches.megatron_version()[:2] < (0, 17)
+    cfg = load_config(None, env={}, overrides={"backend": "auto"})
+    rows = []
+    T, H, F = args.layer_tokens, args.hidden, args.ffn
+    routed = T * args.topk
+    gemm_flops = 3 * 2.0 * routed * H * (2 * F + F)  # fc1 (GLU: 2F wide) + fc2, forward and 2 backward
+    for dname in [d for d in args.dtypes if d != "fp16"]:
+        dtype = DTYPES[dname]
+        for E in args.experts:
+            g = torch.Generator().manual_seed(args.seed)
+            x = (torch.randn(T, 1, H, generator=g)).to(dtype)
+            dy = (torch.randn(T, 1, H, generator=g) * 1e-2).to(dtype)
+            torch.manual_seed(args.seed)
+            patches.revert()
+            seq = _build_moe_layer(_layer_config(args, E, dtype, grouped=False))
+            patches.apply(cfg)
+            plug = _build_moe_layer(_layer_config(args, E, dtype, grouped=True))
+            patches.revert()
+            variants = {"SequentialMLP": (seq, None), "gmm-plugin": (plug, "plugin")}
+            if legacy and dtype == torch.bfloat16:
+                with _LegacyLoop():
+                    variants["legacy GroupedMLP (loop gmm)"] = (_build_moe_layer(
+                        _layer_config(args, E, dtype, grouped=True)), "legacy")
+            # dense reference: the layer's expert GEMMs as plain torch.mm at the same shapes
+            a1, w1 = torch.randn(routed, H).to(dtype), torch.randn(H, 2 * F).to(dtype)
+            a2, w2 = torch.randn(routed, F).to(dtype), torch.randn(F, H).to(dtype)
+            g1, g2 = torch.randn(routed, 2 * F).to(dtype), torch.randn(routed, H).to(dtype)
+
+            def dense():
+                torch.mm(a1, w1), torch.mm(g1, w1.t()), torch.mm(a1.t(), g1)
+                torch.mm(a2, w2), torch.mm(g2, w2.t()), torch.mm(a2.t(), g2)
+
+            cases = {"expert GEMMs as dense torch.mm": dense}
+            for name, (layer, mode) in variants.items():
+                cases[name] = _layer_step(layer, mode, x, dy, cfg)
+            samples = time_cases(cases, args.repeat, args.warmup, torch.device("cpu"))
+            peaks = {n: peak_bytes(f, torch.device("cpu")) for n, f in cases.items()} if args.memory else {}
+            patches.revert()
+            meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk}", dtype=dname, experts=E)
+            rows += _rows_from(samples, gemm_flops, "expert GEMMs as dense torch.mm", meta, peaks,
+                               notes={"gmm-plugin": f"experts: {type(plug.experts).__name__}"})
+    return rows, None
+
+
+def _layer_step(layer, mode, x, dy, cfg):
+    import patches
+
+    def run():
+        ctx = _LegacyLoop() if mode == "legacy" else _Nothing()
+        if mode == "plugin":
+            patches.apply(cfg)
+        else:
+            patches.revert()
+        with ctx:
+            xi = x.detach().requires_grad_(True)
+            out, _ = layer(xi)
+            out.backward(dy)
+        layer.zero_grad(set_to_none=True)
+    return run
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _layer_targets(rows) -> list[Target]:
+    out = []
+    for r in rows:
+        if r.suite != "layer" or r.impl != "gmm-plugin":
+            continue
+        seq = _find(rows, suite="layer", op=r.op, dtype=r.dtype, experts=r.experts, impl="SequentialMLP")
+        speedup = seq.time_ms / r.time_ms
+        if r.experts <= 8:
+            out.append(Target(f"MoE layer {r.dtype} E={r.experts} no slower than SequentialMLP",
+                              f"{speedup:.3f}x SequentialMLP speed", speedup >= 1.0))
+        else:
+            out.append(Target(f"MoE layer {r.dtype} E={r.experts} >= 1.15x SequentialMLP",
+                              f"{speedup:.3f}x SequentialMLP speed", speedup >= 1.15))
+        out.append(Target(f"MoE layer {r.dtype} E={r.experts} <= 1.25x its GEMMs at dense speed",
+                          f"{r.ratio_to_dense:.3f}x", r.ratio_to_dense <= 1.25))
+    return out
 
 
 if __name__ == "__main__":

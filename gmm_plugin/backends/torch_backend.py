@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..group_list import Groups
+from . import cpu_workers
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN = 16  # bytes; torch._grouped_mm rejects other strides ("strides should be multiple of 16 bytes")
@@ -41,6 +42,28 @@ def _host_segments(groups: Groups):
         start = end
 
 
+def _rows_job(x, w, y, segments, lo, hi):
+    """y[r] = x[r] @ w[group of r] for the rows r in [lo, hi)."""
+    def job():
+        for e, s, t in segments:
+            s, t = max(s, lo), min(t, hi)
+            if s < t:
+                torch.mm(x[s:t], w[e], out=y[s:t])
+    return job
+
+
+def _k_job(a, b, out, segments, lo, hi, accumulate):
+    """Rows [lo, hi) of out[e] = a[:, seg e] @ b[seg e] (added in out's dtype when accumulating)."""
+    def job():
+        for e, s, t in segments:
+            if s < t:
+                if accumulate:
+                    out[e, lo:hi].addmm_(a[lo:hi, s:t].to(out.dtype), b[s:t].to(out.dtype))
+                else:
+                    torch.mm(a[lo:hi, s:t], b[s:t], out=out[e, lo:hi])
+    return job
+
+
 class TorchBackend:
     name = "torch"
 
@@ -50,6 +73,12 @@ class TorchBackend:
     def grouped_mm(self, x, w, groups: Groups):
         if x.shape[0] == 0:
             return x.new_zeros(0, w.shape[-1])
+        n = cpu_workers.usable_workers(2.0 * x.shape[0] * x.shape[1] * w.shape[-1], x, w)
+        if n:  # CPU: each core takes a contiguous share of the rows
+            y = x.new_empty(x.shape[0], w.shape[-1])
+            segments = list(_host_segments(groups))
+            cpu_workers.run(_rows_job(x, w, y, segments, lo, hi) for lo, hi in cpu_workers.spans(x.shape[0], n))
+            return y
         if _native_ok(x, w):
             return torch._grouped_mm(x, w, groups.safe_offsets())
         y = x.new_empty(x.shape[0], w.shape[-1])
@@ -58,6 +87,19 @@ class TorchBackend:
         return y
 
     def grouped_mm_k(self, a, b, groups: Groups, out=None):
+        flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        n = cpu_workers.usable_workers(flops, a, b, *(() if out is None else (out,)))
+        if n:  # CPU: each core takes a contiguous share of every group's output rows
+            segments = list(_host_segments(groups))
+            accumulate = out is not None
+            if out is None:
+                out = a.new_empty(groups.num_groups, a.shape[0], b.shape[1])
+                for e, s, t in segments:
+                    if s == t:
+                        out[e].zero_()
+            cpu_workers.run(_k_job(a, b, out, segments, lo, hi, accumulate)
+                            for lo, hi in cpu_workers.spans(a.shape[0], n))
+            return out
         if out is None:
             if a.shape[1] > 0 and _native_ok(a, b):
                 return torch._grouped_mm(a, b, groups.safe_offsets())

@@ -1,0 +1,118 @@
+"""One single-threaded GEMM worker per core for the torch backend's grouped products on CPU.
+
+Why: on CPU a grouped GEMM is a series of ordinary GEMMs, and with many experts most of them are
+small (an expert gets about M/E rows). Each GEMM split across all cores by OpenMP synchronises
+the cores at every block; giving each core its own contiguous share of the rows and a one-thread
+GEMM keeps the cores busy with no barriers (docs/benchmarks.md has the measurements). The
+calling thread waits. The products are the same GEMMs on sub-blocks, so results differ from a
+whole-group GEMM at most by the kernel's blocking (rounding order), never by more.
+
+Used only for real CPU tensors, outside autograd recording, autocast and dispatch modes, with
+more than one intra-op thread and enough work; otherwise the caller runs the loop itself.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+MIN_FLOPS = 1 << 26   # below ~67 MFLOP the hand-off costs more than it saves
+_local = threading.local()
+_pool = None
+_pool_lock = threading.Lock()
+
+
+class _Workers:
+    def __init__(self, n: int):
+        self.size = n
+        self.busy = threading.Lock()
+        self._jobs = [queue.SimpleQueue() for _ in range(n)]
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        caller_threads = torch.get_num_threads()
+        for q in self._jobs:
+            threading.Thread(target=self._loop, args=(q, ready), daemon=True, name="gmm-plugin-cpu").start()
+        for _ in self._jobs:
+            ready.get()
+        # torch.set_num_threads also records a process-wide default that new threads pick up:
+        # the workers' 1 must not leak, so put the caller's value back.
+        torch.set_num_threads(caller_threads)
+
+    def _loop(self, jobs: queue.SimpleQueue, ready: queue.SimpleQueue) -> None:
+        _local.worker = True
+        torch.get_num_threads()   # ATen's lazy per-thread init first, or it would undo the next line
+        torch.set_num_threads(1)  # thread-local for OpenMP and MKL
+        torch.set_grad_enabled(False)
+        ready.put(None)
+        while True:
+            fn = jobs.get()
+            try:
+                fn()
+            except BaseException as e:  # handed to the caller, which re-raises it
+                self._done.put(e)
+            else:
+                self._done.put(None)
+
+    def run(self, fns) -> None:
+        for q, fn in zip(self._jobs, fns):
+            q.put(fn)
+        errors = [self._done.get() for _ in fns]
+        for e in errors:
+            if e is not None:
+                raise e
+
+
+def _reset_after_fork() -> None:  # threads do not survive fork(); the child builds its own
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def usable_workers(flops: float, *tensors: torch.Tensor) -> int:
+    """How many workers a grouped product of `flops` on these tensors may use (0: run inline)."""
+    if flops < MIN_FLOPS or getattr(_local, "worker", False):
+        return 0
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
+            return 0
+    # Autocast and dispatch/function modes are thread-local: the workers would not see them.
+    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None \
+            or torch._C._is_torch_function_mode_enabled():
+        return 0
+    n = min(torch.get_num_threads(), os.cpu_count() or 1)
+    return n if n > 1 else 0
+
+
+def run(fns) -> None:
+    """Run fns (one per worker) on the pool and wait; inline when the pool is in use."""
+    global _pool
+    fns = list(fns)
+    if len(fns) <= 1:
+        for fn in fns:
+            fn()
+        return
+    with _pool_lock:
+        if _pool is None or _pool.size < len(fns):
+            _pool = _Workers(len(fns))
+        pool = _pool
+    if not pool.busy.acquire(blocking=False):  # another thread is using it: do the work inline
+        for fn in fns:
+            fn()
+        return
+    try:
+        pool.run(fns)
+    finally:
+        pool.busy.release()
+
+
+def spans(total: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous, nearly equal ranges covering [0, total) (empty ones dropped)."""
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
