@@ -1,0 +1,178 @@
+"""The torch backend's CPU worker path (gmm_plugin.backends.cpu_workers): the same results as the
+float64 reference for every product it takes over, used only where it may be, errors surfaced."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import gmm_plugin
+from gmm_plugin.backends import cpu_workers, get_backend
+from gmm_plugin.group_list import make_groups
+from reference import gmm_reference, tolerance
+
+SIZES = [5, 0, 17, 3, 0, 9, 1]  # uneven, empty groups, a group smaller than the worker count
+K, N = 24, 40
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Force the worker path on tiny shapes and count its uses."""
+    monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
+    if torch.get_num_threads() < 2:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    real = cpu_workers.run
+
+    def counting(fns):
+        fns = list(fns)
+        calls.append(len(fns))
+        return real(fns)
+
+    monkeypatch.setattr(cpu_workers, "run", counting)
+    gmm_plugin.set_backend("torch")
+    yield calls
+    gmm_plugin.set_backend(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_forward_backward_match_reference(workers, dtype, transposed):
+    m = sum(SIZES)
+    x = torch.randn(m, K, dtype=dtype, requires_grad=True)
+    if transposed:
+        base = torch.randn(len(SIZES), N, K, dtype=dtype, requires_grad=True)
+        w = base.transpose(-1, -2)
+    else:
+        base = w = torch.randn(len(SIZES), K, N, dtype=dtype, requires_grad=True)
+    y = gmm_plugin.npu_gmm_v2(x, w, group_list=SIZES)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert workers, "the worker path was not taken"
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    ref = gmm_reference(x64, w64, SIZES)
+    _close(y, ref, dtype, K)
+    gx, gw = torch.autograd.grad(_ref_graph(x64, w64), (x64, w64), dy.double())
+    _close(x.grad, gx, dtype, N)
+    # each weight-grad entry sums over its group's rows only; empty groups must be exactly 0
+    _close(base.grad, gw.transpose(-1, -2) if transposed else gw, dtype, max(SIZES))
+    for e, c in enumerate(SIZES):
+        if c == 0:
+            assert torch.count_nonzero(base.grad[e]) == 0
+
+
+def _close(got, want, dtype, k):
+    assert (got.double() - want).abs().max().item() <= tolerance(dtype, k, want.abs().max().item())
+
+
+def _ref_graph(x64, w64):
+    parts, start = [], 0
+    for e, c in enumerate(SIZES):
+        parts.append(x64[start:start + c] @ w64[e])
+        start += c
+    return torch.cat(parts)
+
+
+def test_split_k_fresh_output_zero_for_empty_groups(workers):
+    backend = get_backend("torch")
+    m = sum(SIZES)
+    a, b = torch.randn(K, m), torch.randn(m, N)
+    groups = make_groups(SIZES, cumsum=False, total=m, device=a.device, axis="M")
+    with torch.no_grad():
+        out = backend.grouped_mm_k(a, b, groups)
+    assert workers
+    _close(out, _k_ref(a, b), torch.float32, m)
+    assert torch.count_nonzero(out[1]) == 0 and torch.count_nonzero(out[4]) == 0
+
+
+def _k_ref(a, b):
+    out, start = [], 0
+    for c in SIZES:
+        out.append(a[:, start:start + c].double() @ b[start:start + c].double())
+        start += c
+    return torch.stack(out)
+
+
+def test_gemm_fusion_accumulates_in_fp32(workers):
+    m = sum(SIZES)
+    x = torch.randn(m, K, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(len(SIZES), K, N, dtype=torch.bfloat16, requires_grad=True)
+    w.main_grad = torch.ones(w.shape, dtype=torch.float32)
+    y = gmm_plugin.npu_gmm_v2(x, w, group_list=SIZES, gemm_fusion=True, original_weight=w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert w.grad is None and workers
+    expected = 1.0 + torch.stack([x[s:s + c].detach().double().t() @ dy[s:s + c].double()
+                                  for s, c in zip(_starts(), SIZES)])
+    # fp32 accumulation of exact bf16 products: far tighter than one bf16 rounding
+    torch.testing.assert_close(w.main_grad.double(), expected, atol=1e-4, rtol=0)
+
+
+def _starts():
+    out, s = [], 0
+    for c in SIZES:
+        out.append(s)
+        s += c
+    return out
+
+
+def test_not_used_below_threshold_or_when_recording(monkeypatch):
+    x = torch.randn(8, 4, requires_grad=True)
+    assert cpu_workers.usable_workers(1.0, x) == 0                     # too small
+    monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cpu_workers.usable_workers(1.0, x) == 0                     # grad mode + requires_grad: out= would fail
+    with torch.no_grad():
+        assert cpu_workers.usable_workers(1.0, x) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_workers.usable_workers(1.0, x) == 0             # autocast is thread-local
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    with torch.no_grad():
+        assert cpu_workers.usable_workers(1.0, x) == 0                 # one thread: nothing to share
+
+
+def test_worker_error_reaches_the_caller_and_pool_stays_usable():
+    def boom():
+        raise ValueError("from a worker")
+
+    with pytest.raises(ValueError, match="from a worker"):
+        cpu_workers.run([lambda: None, boom])
+    seen = []
+    cpu_workers.run([lambda: seen.append(1), lambda: seen.append(2)])
+    assert sorted(seen) == [1, 2]
+
+
+def test_workers_are_single_threaded_and_caller_threads_unchanged():
+    before = torch.get_num_threads()
+    counts = []
+    cpu_workers.run([lambda: counts.append(torch.get_num_threads())] * 2)
+    assert counts == [1, 1]
+    assert torch.get_num_threads() == before
+    other = []
+    t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert other == [before]  # the workers' setting did not leak to new threads
+
+
+def test_busy_pool_runs_inline():
+    cpu_workers.run([lambda: None, lambda: None])  # make sure the pool exists
+    pool = cpu_workers._pool
+    assert pool.busy.acquire()
+    try:
+        names = []
+        cpu_workers.run([lambda: names.append(threading.current_thread().name)] * 2)
+        assert names == [threading.current_thread().name] * 2
+    finally:
+        pool.busy.release()
+
+
+def test_spans_cover_exactly():
+    for total in (0, 1, 5, 64):
+        for parts in (1, 2, 3, 8):
+            s = cpu_workers.spans(total, parts)
+            assert sum(b - a for a, b in s) == total
+            assert all(a < b for a, b in s)
+            assert all(s[i][1] == s[i + 1][0] for i in range(len(s) - 1))
