@@ -71,11 +71,12 @@ class Groups:
             if self.host is not None:
                 offs = torch.tensor(self.host_offsets(), dtype=dtype, device=self.values.device)
             else:
-                # Counts clamped to [0, total] first: their cumsum cannot wrap around int64.
-                ends = self.values if self.cumsum else torch.cumsum(self.values.clamp(0, self.total), 0)
-                ends = torch.cummax(ends.clamp(0, self.total), 0).values
-                # The last group ends at `total` so no row is left uninitialised.
-                ends = torch.cat([ends[:-1], ends.new_full((1,), self.total)])
+                if self.cumsum:
+                    ends = torch.cummax(self.values.clamp(0, self.total), 0).values
+                    # The last group ends at `total` so no row is left uninitialised.
+                    ends = torch.cat([ends[:-1], ends.new_full((1,), self.total)])
+                else:  # the groups of safe_counts, so every backend sees the same ones
+                    ends = torch.cumsum(self.safe_counts(), 0)
                 offs = ends.to(dtype)
             self._cache[key] = offs
         return self._cache[key]
@@ -93,6 +94,7 @@ class Groups:
         if self.host is not None:
             return self.values
         if "safe_counts" not in self._cache:
+            # Clamped to [0, total] first: their sum cannot wrap around int64.
             c = self.values.clamp(0, self.total)
             deficit = self.total - c.sum()
             last = torch.zeros_like(c)

@@ -6,6 +6,7 @@ a tenth of that, `thorough` ten times as many. All are derandomized, so a failur
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,19 +97,29 @@ def expect(ok: bool, what: str, key: str = "wrong_results") -> None:
 
 # ---- backends ------------------------------------------------------------------------------------
 
+try:  # tests/torch_npu_double.py: torch_npu's grouped-matmul ops on CPU tensors, for the npu backend
+    import torch_npu_double
+except ImportError:  # pragma: no cover
+    torch_npu_double = None
+
+
 def cpu_backends() -> list[str]:
-    """Every backend that loads here and runs on CPU tensors (torch, reference, ...)."""
-    from gmm_plugin.backends import NAMES, get_backend
-    names = []
-    for name in NAMES:
-        if name == "auto":
-            continue
+    """Every backend that runs on CPU tensors here: torch, reference, and npu through the torch_npu
+    test double (which fails on any input the real kernel would mishandle silently)."""
+    return ["torch", "reference"] + (["npu"] if torch_npu_double is not None else [])
+
+
+@contextlib.contextmanager
+def using_backend(name: str):
+    """Force backend `name` for the block (with the torch_npu double standing in for npu)."""
+    import gmm_plugin
+    from gmm_plugin.backends import get_backend
+    with torch_npu_double.installed() if name == "npu" else contextlib.nullcontext():
+        gmm_plugin.set_backend(name)
         try:
-            if get_backend(name).supports(torch.device("cpu")):
-                names.append(name)
-        except ImportError:  # npu needs torch_npu
-            pass
-    return names
+            yield get_backend(name)
+        finally:
+            gmm_plugin.set_backend(None)
 
 
 # ---- layouts -------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 
-import gmm_plugin
 from gmm_plugin import npu_gmm, npu_gmm_v2
-from robust_support import DTYPES, bias_dtype, count, cpu_backends, expect
+from robust_support import DTYPES, bias_dtype, count, cpu_backends, expect, using_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COUNTS = [37, 0, 61, 5, 89]            # uneven, with an empty group: 192 rows
@@ -55,8 +54,7 @@ CASES = [(dt, 0, api, form, fusion) for dt in DTYPES for api in (npu_gmm, npu_gm
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_repeated_runs_are_bitwise_identical(backend):
-    gmm_plugin.set_backend(backend)
-    try:
+    with using_backend(backend):
         for case in CASES:
             first = run_once(*case)
             for _ in range(REPEATS - 1):
@@ -64,20 +62,15 @@ def test_repeated_runs_are_bitwise_identical(backend):
                 count("determinism_repeats")
                 expect(len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again)),
                        f"{backend} {case}: results differ between runs")
-    finally:
-        gmm_plugin.set_backend(None)
 
 
 def digest(backend: str) -> str:
-    gmm_plugin.set_backend(backend)
-    try:
+    with using_backend(backend):
         h = hashlib.sha256()
         for case in CASES:
             for t in run_once(*case):
                 h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
-    finally:
-        gmm_plugin.set_backend(None)
 
 
 def test_fresh_process_gives_the_same_bits():

@@ -18,11 +18,10 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from gmm_plugin import checks, npu_gmm, npu_gmm_v2
-from gmm_plugin.backends import get_backend
 from gmm_plugin.function import Call, GroupedMatmulFunction
 from gmm_plugin.group_list import Groups
 from robust_support import (count, cpu_backends, expect, names_argument, reference_forward, reference_grads,
-                            robust_settings, within)
+                            robust_settings, using_backend, within)
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 hostile_value = st.one_of(
@@ -48,14 +47,22 @@ def device_groups(values, total, cumsum):
     return Groups(cumsum, torch.tensor(values, dtype=torch.int64), total, host=None)
 
 
+def model_counts(values, total):
+    """Independent model of the clamped sizes of a counts group_list (Python ints: no overflow):
+    each clamped to [0, total]; rows left over go to the last group; on an overrun every row goes
+    to the last group (nothing can be trusted then)."""
+    c = [min(max(v, 0), total) for v in values]
+    if sum(c) <= total:
+        return c[:-1] + [c[-1] + total - sum(c)]
+    return [0] * (len(c) - 1) + [total]
+
+
 def model_ends(values, total, cumsum):
-    """Independent model of the clamped end offsets (Python ints: no overflow): each end inside
-    [0, total], non-decreasing, the last one at total so every row belongs to a group."""
-    if cumsum:
-        raw = values
-    else:
-        raw = list(itertools.accumulate(max(v, 0) for v in values))
-    ends = list(itertools.accumulate((min(max(v, 0), total) for v in raw), max))
+    """Independent model of the clamped end offsets: each inside [0, total], non-decreasing, the
+    last at total, so every row belongs to exactly one group."""
+    if not cumsum:
+        return list(itertools.accumulate(model_counts(values, total)))
+    ends = list(itertools.accumulate((min(max(v, 0), total) for v in values), max))
     return ends[:-1] + [total]
 
 
@@ -97,6 +104,8 @@ def test_safe_offsets_stay_in_bounds(case):
         sc = groups.safe_counts().tolist()
         expect(len(sc) == e and min(sc) >= 0 and sum(sc) == total,
                f"safe_counts() {sc} of {values} must be non-negative sizes summing to {total}")
+        expect(sc == safe_counts(values, total, cumsum),  # the same groups as the offsets
+               f"safe_counts() {sc} != clamped model {safe_counts(values, total, cumsum)} for {values}")
         if host_valid(values, total, cumsum):
             true_counts = list(values) if not cumsum else [b - a for a, b in zip([0] + values[:-1], values)]
             expect(sc == true_counts, f"safe_counts() changed valid counts {true_counts} into {sc}")
@@ -179,9 +188,13 @@ def test_backends_and_autograd_on_device_groups(backend, case, seed):
     count("cases_generated")
     count("hostile_group_lists")
     gen = torch.Generator().manual_seed(seed)
-    e, k, n, dtype = len(values), 8, 8, torch.float32
     counts = safe_counts(values, total, cumsum)
-    impl = get_backend(backend)
+    with using_backend(backend) as impl:
+        _device_groups_case(impl, backend, values, total, cumsum, counts, gen)
+
+
+def _device_groups_case(impl, backend, values, total, cumsum, counts, gen):
+    e, k, n, dtype = len(values), 8, 8, torch.float32
 
     # Split M through the autograd Function, with bias, forward and backward.
     x = canaried(total, k, gen, dtype).requires_grad_(False)
@@ -221,13 +234,8 @@ def test_backends_and_autograd_on_device_groups(backend, case, seed):
 @pytest.mark.parametrize("form", ["list", "tensor"])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_host_group_list_overrun_is_an_immediate_error(api, values, form, backend):
-    import gmm_plugin
     count("invalid_inputs")
     gl = values if form == "list" else torch.tensor(values, dtype=torch.int64)
     x, w = torch.randn(6, 4), torch.randn(2, 4, 3)
-    gmm_plugin.set_backend(backend)
-    try:
-        with pytest.raises(ValueError, match="group_list"):
-            api(x, w, group_list=gl)
-    finally:
-        gmm_plugin.set_backend(None)
+    with using_backend(backend), pytest.raises(ValueError, match="group_list"):
+        api(x, w, group_list=gl)

@@ -9,11 +9,10 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import gmm_plugin
 from gmm_plugin import npu_gmm, npu_gmm_v2
 from robust_support import (DTYPES, LAYOUTS_2D, LAYOUTS_3D, bias_dtype, count, cpu_backends, expect,
                             leaf_2d, leaf_3d, randn, reference_forward, reference_grads, robust_settings,
-                            within)
+                            using_backend, within)
 
 BACKENDS = cpu_backends()
 small = st.integers(0, 6)
@@ -63,11 +62,8 @@ def _check(name, actual, ref_mag, dtype, k):
 def test_split_m_matches_reference(backend, data):
     """group_type 0: x [M, K] @ weight [E, K, N] per row group, with and without gemm_fusion."""
     count("cases_generated")
-    gmm_plugin.set_backend(backend)
-    try:
+    with using_backend(backend):
         _split_m_case(data)
-    finally:
-        gmm_plugin.set_backend(None)
     count("valid_cases")
 
 
@@ -134,8 +130,7 @@ def _split_m_case(data):
 def test_split_k_matches_reference(backend, data):
     """group_type 2: x [K', M] split along M, weight [M, N] -> y [E, K', N]."""
     count("cases_generated")
-    gmm_plugin.set_backend(backend)
-    try:
+    with using_backend(backend):
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
         counts = data.draw(group_counts(), label="counts")
         e, m = len(counts), sum(counts)
@@ -154,8 +149,6 @@ def test_split_k_matches_reference(backend, data):
         _check("dweight", grads[1], refs["weight"], dtype, p)
         if bias is not None:
             _check("dbias", grads[2], refs["bias"], bias.dtype, p)
-    finally:
-        gmm_plugin.set_backend(None)
     count("valid_cases")
 
 
