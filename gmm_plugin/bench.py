@@ -35,6 +35,7 @@ from .ops.gmm import npu_gmm_v2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 MB = 2.0 ** 20
+SUITES = ("gmm", "layer", "cuda", "example")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -225,6 +226,10 @@ def gmm_suite(args, device: torch.device) -> list[Row]:
     return rows
 
 
+def _suite_name(device: torch.device) -> str:
+    return "gmm" if device.type == "cpu" else f"gmm-{device.type}"
+
+
 def _progress(args, rows):
     if args.verbose:
         for r in rows[-12:]:
@@ -259,7 +264,7 @@ def _gmm_rows(p: GmmProblem, dname: str, args, device) -> list[Row]:
     with torch.no_grad():
         samples = time_cases(fwd, args.repeat, args.warmup, device)
         peaks = {n: peak_bytes(f, device) for n, f in fwd.items()} if args.memory else {}
-    meta = dict(suite="gmm", op="forward", dtype=dname, experts=p.E)
+    meta = dict(suite=_suite_name(device), op="forward", dtype=dname, experts=p.E)
     rows += _rows_from(samples, p.flops(), "dense torch.mm", meta, peaks)
 
     # ---- forward + backward (3 GEMMs); grads are dropped after each call
@@ -287,7 +292,7 @@ def _gmm_rows(p: GmmProblem, dname: str, args, device) -> list[Row]:
         del fb["torch._grouped_mm"]
     samples = time_cases(fb, args.repeat, args.warmup, device)
     peaks = {n: peak_bytes(f, device) for n, f in fb.items()} if args.memory else {}
-    meta = dict(suite="gmm", op="forward+backward", dtype=dname, experts=p.E)
+    meta = dict(suite=_suite_name(device), op="forward+backward", dtype=dname, experts=p.E)
     rows += _rows_from(samples, 3 * p.flops(), "dense torch.mm x3", meta, peaks)
 
     # ---- fused backward: weight gradient accumulated into an fp32 main_grad
@@ -307,7 +312,7 @@ def _gmm_rows(p: GmmProblem, dname: str, args, device) -> list[Row]:
     samples = time_cases(fu, args.repeat, args.warmup, device)
     peaks = {n: peak_bytes(f, device) for n, f in fu.items()} if args.memory else {}
     wgrad_mb = p.param.numel() * p.param.element_size() / MB
-    meta = dict(suite="gmm", op="fused backward", dtype=dname, experts=p.E)
+    meta = dict(suite=_suite_name(device), op="fused backward", dtype=dname, experts=p.E)
     rows += _rows_from(samples, 3 * p.flops(), "dense torch.mm x3", meta, peaks,
                        notes={"gmm-plugin gemm_fusion": f"weight grad {wgrad_mb:.1f} MB"})
     rows[-1].extra["wgrad_mb"] = wgrad_mb
@@ -323,7 +328,7 @@ def _fp16_cpu_rows(p: GmmProblem, args) -> list[Row]:
     xr = p.x[:r]
     dense = time_cases({"d": lambda: torch.mm(xr, p.w_dense)}, max(1, min(args.repeat, 2)), 0, device)["d"]
     dense_ms = min(dense) * p.M / r
-    meta = dict(suite="gmm", op="forward", dtype="fp16", experts=p.E)
+    meta = dict(suite=_suite_name(device), op="forward", dtype="fp16", experts=p.E)
     note = f"timed on {r} of {p.M} rows, scaled by {p.M / r:g} (scalar fp16 kernel, ~1 GFLOP/s)"
     rows.append(Row(**meta, impl="dense torch.mm", time_ms=round(dense_ms, 3),
                     gflops=round(p.flops() / dense_ms / 1e6, 2), ratio_to_dense=1.0, note=note,
@@ -441,6 +446,12 @@ def evaluate_targets(rows: list[Row]) -> list[Target]:
             out.append(Target(f"fp16 CPU E={E} >= 50x torch.mm fp16, within fp16 tolerance",
                               f"{speed:.0f}x, err {err:.3g} <= {tol:.3g}", speed >= 50 and err <= tol))
     out += _layer_targets(rows)
+    plug = _find(rows, suite="example", impl="gmm-plugin")
+    base = _find(rows, suite="example", impl="Megatron experts")
+    if plug and base:
+        gain = plug.extra["tokens_per_s"] / base.extra["tokens_per_s"]
+        out.append(Target("pretraining example tokens/s with the plugin >= 1.1x without",
+                          f"{gain:.3f}x", gain >= 1.1))
     for E in exps:
         r = _find(rows, suite="cuda", op="sync check fwd+bwd", experts=E)
         if r:
@@ -450,6 +461,51 @@ def evaluate_targets(rows: list[Row]) -> list[Target]:
             out.append(Target(f"CUDA E={E} overhead over torch._grouped_mm <= 3%",
                               f"{(r.ratio_to_dense - 1) * 100:+.1f}%", r.ratio_to_dense <= 1.03))
     return out
+
+
+# -------------------------------------------------------------------------------- example suite
+
+def example_suite(args) -> tuple[list[Row], str | None]:
+    """tokens/s of examples/pretrain_moe.py with and without --use-gmm-plugin (source checkout).
+
+    The runs alternate (plain, plugin, plain, plugin, ...); each run's figure is its median step
+    time after the first few steps, and the best run of each kind is reported.
+    """
+    import statistics
+    import subprocess
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "examples", "pretrain_moe.py")
+    if not os.path.exists(script):
+        return [], f"needs a source checkout with {os.path.relpath(script, root)}"
+    config = args.example_config or os.path.join(root, "configs", "pretrain_tiny_cpu.yaml")
+    skip = max(1, args.example_steps // 5)
+    best: dict[str, list] = {"Megatron experts": [], "gmm-plugin": []}
+    tokens = None
+    with tempfile.TemporaryDirectory(prefix="gmm_bench_example_") as tmp:
+        for r in range(args.example_runs):
+            for name, flags in (("Megatron experts", []), ("gmm-plugin", ["--use-gmm-plugin"])):
+                out = os.path.join(tmp, f"{r}_{len(flags)}")
+                cmd = [sys.executable, script, "--config", config, "--steps", str(args.example_steps),
+                       "--out-dir", out, "--save-interval", "0", "--no-plot", "--quiet",
+                       "--set", "train.warmup_steps=1", *flags]  # short runs: warmup < steps
+                proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    return [], f"the example failed ({' '.join(cmd[1:])}): {proc.stderr.strip()[-400:]}"
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    steps = [json.loads(line) for line in f if line.strip()]
+                times = [st["step_time_s"] for st in steps[skip:]] or [st["step_time_s"] for st in steps]
+                tokens = steps[0]["tokens_per_s"] * steps[0]["step_time_s"]
+                best[name].append(statistics.median(times) * 1e3)
+    base = min(best["Megatron experts"])
+    rows = []
+    for name, runs in best.items():
+        t = min(runs)
+        rows.append(Row(suite="example", op=f"pretrain_moe.py step ({os.path.basename(config)})", dtype="-",
+                        experts=0, impl=name, time_ms=round(t, 2), ratio_to_dense=round(t / base, 4),
+                        note=f"{tokens / t * 1e3:,.0f} tokens/s", samples_ms=[round(v, 2) for v in runs],
+                        extra={"tokens_per_s": tokens / t * 1e3}))
+    return rows, None
 
 
 # -------------------------------------------------------------------------------------- output
@@ -554,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Grouped-matmul benchmark against dense GEMM, a per-group loop, "
                                              "torch._grouped_mm and Megatron's experts.")
     ap.add_argument("--suite", type=_csv(str), default=["gmm", "layer", "cuda"],
-                    help="comma list of gmm, layer, cuda (cuda runs only when CUDA exists) [gmm,layer,cuda]")
+                    help="comma list of gmm, layer, cuda (runs only when CUDA exists), example "
+                         "(examples/pretrain_moe.py tokens/s, minutes) [gmm,layer,cuda]")
     ap.add_argument("--tokens", type=int, default=8192, help="GMM rows M [8192]")
     ap.add_argument("--hidden", type=int, default=1024, help="hidden size K [1024]")
     ap.add_argument("--ffn", type=int, default=2048, help="expert ffn size N [2048]")
@@ -564,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight as [E,K,N] (kn) or a transposed [E,N,K] parameter (nk) [kn]")
     ap.add_argument("--layer-tokens", type=int, default=4096, help="MoE layer tokens [4096]")
     ap.add_argument("--topk", type=int, default=2, help="MoE layer router top-k [2]")
+    ap.add_argument("--example-steps", type=int, default=40, help="training steps per example run [40]")
+    ap.add_argument("--example-runs", type=int, default=2, help="example runs of each kind, alternating [2]")
+    ap.add_argument("--example-config", metavar="PATH", help="example preset [configs/pretrain_tiny_cpu.yaml]")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds; the minimum is reported [5]")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
     ap.add_argument("--fp16-dense-rows", type=int, default=64,
@@ -584,14 +644,15 @@ def _apply_tiny(args) -> None:
     args.experts = [4] if args.experts == [8, 64] else args.experts
     args.layer_tokens = 32
     args.repeat, args.warmup, args.fp16_dense_rows = 1, 0, 8
+    args.example_steps, args.example_runs = 3, 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bad = [d for d in args.dtypes if d not in DTYPES] + [s for s in args.suite if s not in ("gmm", "layer", "cuda")]
+    bad = [d for d in args.dtypes if d not in DTYPES] + [s for s in args.suite if s not in SUITES]
     if bad:
         print(f"gmm-plugin bench: unknown dtype or suite {bad[0]!r} (dtypes: fp32, bf16, fp16; "
-              "suites: gmm, layer, cuda)", file=sys.stderr)
+              "suites: " + ", ".join(SUITES) + ")", file=sys.stderr)
         return 2
     if args.tiny:
         _apply_tiny(args)
@@ -611,13 +672,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += layer_rows
         if why:
             skipped.append(f"layer suite skipped: {why}")
+    if "example" in args.suite:
+        ex_rows, why = example_suite(args)
+        rows += ex_rows
+        if why:
+            skipped.append(f"example suite skipped: {why}")
     if "cuda" in args.suite:
-        if torch.cuda.is_available():
-            args_gpu = argparse.Namespace(**vars(args))
-            rows += gmm_suite(args_gpu, torch.device("cuda")) if "gmm" in args.suite else []
+        if torch.cuda.is_available():  # the GMM suite again on the GPU, then the sync and overhead checks
+            rows += gmm_suite(args, torch.device("cuda")) if "gmm" in args.suite else []
             rows += cuda_suite(args)
-        elif args.suite != ["cuda"]:
-            skipped.append("cuda suite skipped: no CUDA device")
         else:
             skipped.append("cuda suite skipped: no CUDA device")
     print(format_table(rows))
