@@ -201,18 +201,26 @@ def apply(config=None) -> PatchReport:
         if mindspeed:
             logger.warning("gmm-plugin: MindSpeed already patched Megatron's experts (%s); gmm-plugin "
                            "leaves them to MindSpeed and patches nothing there.", mindspeed)
-    elif cfg.enabled and _report.experts.startswith("not patched"):
-        # Enabling after a disabled apply: start over with the experts patch.
+        first = True
+    elif cfg.enabled == _report.experts.startswith("not patched"):
+        # Switching `enabled` on or off: start over, so the experts follow it.
         revert()
         return apply(cfg)
-    ex.state.config = cfg
-    cfg.apply_runtime()
-    if _want_shim(cfg):
-        if not cpu_platform.is_enabled():
-            _shim_ours = cpu_platform.enable(force=cfg.cpu_shim == "on")
-    elif _shim_ours:
-        cpu_platform.disable()
-        _shim_ours = False
+    else:
+        first = False
+    try:
+        ex.state.config = cfg
+        cfg.apply_runtime()
+        if _want_shim(cfg):
+            if not cpu_platform.is_enabled():
+                _shim_ours = cpu_platform.enable(force=cfg.cpu_shim == "on")
+        elif _shim_ours:
+            cpu_platform.disable()
+            _shim_ours = False
+    except BaseException:
+        if first:  # never leave a first apply half done
+            revert()
+        raise
     _report.cpu_shim = cpu_platform.is_enabled()
     _report.config = cfg
     return _report

@@ -99,6 +99,18 @@ def test_disabled_config_patches_no_experts_then_enabling_does(clean):
                if o is not backends and o is not gmm_ops)
     report = patches.apply({"enabled": True})
     assert report.patched
+    report = patches.apply({"enabled": False, "cpu_shim": "off"})  # and off again: experts restored
+    assert not report.patched
+    assert all(snapshot()[(id(o), n)] is clean[(id(o), n)] for o, n in _targets()
+               if o is not backends and o is not gmm_ops)
+
+
+def test_failure_after_patching_reverts_the_first_apply(monkeypatch, clean):
+    monkeypatch.setattr(cpu_platform, "is_enabled", lambda: False)
+    monkeypatch.setattr(cpu_platform, "enable", lambda force=False: (_ for _ in ()).throw(RuntimeError("no shim")))
+    with pytest.raises(RuntimeError, match="no shim"):
+        patches.apply({"cpu_shim": "on"})
+    assert not patches.is_applied() and snapshot() == clean
 
 
 @pytest.mark.parametrize("bad", ["0.11.0", "0.20.0", "1.0.0"])
