@@ -186,3 +186,20 @@ def test_sharded_state_dict_without_ep_and_refused_with_ep(monkeypatch):
     monkeypatch.setattr(module, "ep_group", type("EP2", (), {"size": lambda self: 2, "rank": lambda self: 0})())
     with pytest.raises(NotImplementedError, match="expert parallelism"):
         module.sharded_state_dict()
+
+
+@pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="grouped_gemm_util exists up to 0.16")
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_util_ops_gmm_is_a_counts_gmm(trans_b):
+    """Code that still calls Megatron's gg.ops.gmm(a, b, batch_sizes, trans_b) gets the plugin."""
+    from reference import gmm_reference  # tests/reference.py (tests/ is on sys.path via conftest)
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+    assert gg.grouped_gemm_is_available()
+    gg.assert_grouped_gemm_is_available()
+    counts = torch.tensor(COUNTS[4])
+    a = torch.randn(10, 8, dtype=torch.float64).float()
+    w = torch.randn(4, 8, 6, dtype=torch.float64).float()
+    b = w.transpose(-1, -2).contiguous() if trans_b else w
+    got = gg.ops.gmm(a, b, counts, trans_b=trans_b)
+    want = gmm_reference(a, w, counts.tolist())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
