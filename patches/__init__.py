@@ -17,7 +17,6 @@ moe_grouped_gemm=True). Anything else is an UnsupportedMegatronVersion error and
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 from ._patching import PatchSet
