@@ -130,13 +130,13 @@ def kill_when(proc, predicate, timeout=400):
     return False
 
 
-def writing_checkpoint(out):
-    def seen():
-        for root, _, files in os.walk(os.path.join(out, "checkpoints")):
-            if any(".tmp" in f for f in files):
-                return True
-        return False
-    return seen
+def writing_checkpoint(out, pid):
+    """A temporary checkpoint file of process pid exists (names end in .tmp<pid>; files a killed
+    run left behind have another pid)."""
+    for root, _, files in os.walk(os.path.join(out, "checkpoints")):
+        if any(f.endswith(f".tmp{pid}") for f in files):
+            return True
+    return False
 
 
 def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir, reference):
@@ -165,7 +165,7 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
         proc = start(workdir, out, *(["--resume"] if kills else []), *extra)
         t0, reason = time.time(), []
         if predicate:
-            killed = kill_when(proc, lambda: reason.append(predicate(t0)) or reason[-1])
+            killed = kill_when(proc, lambda: reason.append(predicate(t0, proc.pid)) or reason[-1])
         else:
             killed = proc.wait(timeout=400) == -signal.SIGKILL
         if not killed:  # it ended on its own: only a clean finish is acceptable
@@ -179,11 +179,11 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
 
     # 1. at a random moment while starting up, at the latest when the first step is logged
     delay = rng.uniform(1.0, 12.0)
-    attempt("at a random moment of start-up", lambda t0: time.time() - t0 > delay or len(metrics(out)) >= 1)
+    attempt("at a random moment of start-up", lambda t0, pid: time.time() - t0 > delay or len(metrics(out)) >= 1)
     # 2. in the middle of a checkpoint write (a .tmp file exists: torch.save or `latest` in flight);
     #    should polling miss every write, three steps in (then it is a kill between steps)
     base2 = len(metrics(out))
-    attempt("mid checkpoint write", lambda t0: "mid checkpoint write" if writing_checkpoint(out)() else
+    attempt("mid checkpoint write", lambda t0, pid: "mid checkpoint write" if writing_checkpoint(out, pid) else
             "between steps" if len(metrics(out)) >= base2 + 3 else None)
     # 3. after the checkpoint data is written and fsync'ed, before its rename (the example's hook)
     step = min(latest(out) + rng.randint(1, 2), STEPS - 2)
@@ -191,7 +191,7 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
     # 4. at a random moment (0-0.3 s) after 1 or 2 new steps
     rows, pause, base, seen = rng.randint(1, 2), rng.uniform(0.0, 0.3), len(metrics(out)), {}
 
-    def after_rows(t0):
+    def after_rows(t0, pid):
         if len(metrics(out)) >= base + rows:
             seen.setdefault("t", time.time())
         return "t" in seen and time.time() - seen["t"] >= pause
