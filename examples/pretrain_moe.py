@@ -83,6 +83,7 @@ DEFAULTS = {
         "clip_grad": 1.0,
         "seed": 1234,
         "expert_parallel_size": 1,
+        "cpu_threads": 0,              # torch threads per process on a CPU; 0: PyTorch's default
     },
     "data": {
         "path": "stdlib",              # stdlib | a .txt / .jsonl file | an indexed-dataset prefix
@@ -278,6 +279,9 @@ def pick_device(requested: str) -> str:
         try:
             import torch_npu  # noqa: F401
             if torch.npu.is_available():
+                # Megatron-core calls torch.cuda.* and uses device="cuda"; Ascend's own adapter
+                # maps those to the NPU (what MindSpeed relies on too).
+                from torch_npu.contrib import transfer_to_npu  # noqa: F401
                 return "npu"
         except Exception:  # no torch_npu, or no CANN runtime under it
             pass
@@ -648,6 +652,8 @@ def main(argv=None) -> int:
         # example's hot path, and compiling them costs seconds per process on a CPU.
         import torch._dynamo
         torch._dynamo.config.disable = True
+        if cfg["train"]["cpu_threads"]:
+            torch.set_num_threads(cfg["train"]["cpu_threads"])
     ep = cfg["train"]["expert_parallel_size"]
     rank, world = init_distributed(device, ep)
     is_main = rank == 0
