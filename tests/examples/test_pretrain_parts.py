@@ -226,3 +226,29 @@ def test_latest_naming_garbage_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step_000099\n")
     with pytest.raises(RuntimeError, match="not a checkpoint"):
         moe_checkpoint.latest_step(str(tmp_path))
+
+
+# ---------------------------------------------------------------- Megatron-LM launcher
+
+def test_megatron_lm_launcher_applies_the_plugin_and_hands_over_clean_argv(tmp_path):
+    pytest.importorskip("megatron.core")
+    import subprocess
+    script = tmp_path / "pretrain_gpt.py"  # a stand-in for Megatron-LM's script
+    script.write_text("import json, sys, patches\n"
+                      "print(json.dumps({'argv': sys.argv, 'applied': patches.is_applied(), 'name': __name__}))\n")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "megatron_lm_launch.py"), str(script),
+         "--num-experts", "8", "--use-gmm-plugin", "--gmm-plugin-config", os.path.join(ROOT, "configs", "gmm_cpu.yaml"),
+         "--moe-grouped-gemm"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"argv": [str(script), "--num-experts", "8", "--moe-grouped-gemm"], "applied": True, "name": "__main__"}
+    assert "experts: legacy GroupedMLP" in proc.stdout or "experts: GmmGroupedMLP" in proc.stdout
+
+
+def test_megatron_lm_launcher_usage(tmp_path):
+    import subprocess
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "megatron_lm_launch.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "usage: megatron_lm_launch.py PATH/TO/pretrain_gpt.py" in proc.stderr
