@@ -3,7 +3,6 @@ raises ConfigError naming the file (or variable) and, for a bad key or value, th
 another exception, never a silently wrong value. Explicit categories first, then fuzzing."""
 from __future__ import annotations
 
-
 import pytest
 import yaml
 from hypothesis import given, strategies as st
