@@ -621,7 +621,14 @@ def check_resume(cfg: dict, ckpt_dir: str, world: int) -> int | None:
 
 def main(argv=None) -> int:
     t_start = time.time()
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    # Megatron's notices about optional packages this example does not use (Apex, Transformer
+    # Engine, CUDA graphs, absl), about the classes the plugin patches, and torch's deprecation of
+    # a collective Megatron calls.
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "full scope is deprecated", "The legacy GroupedMLP will be deprecated",
+                    "GPTModel IS DEPRECATED", "MimoModelConfig is experimental", "absl.logging is not installed",
+                    "`torch.distributed.all_gather_into_tensor` is deprecated"):
+        warnings.filterwarnings("ignore", message=".*" + message)
     parser = build_parser()
     args = parser.parse_args(argv)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
