@@ -44,75 +44,53 @@ class Groups:
         return self.host if self.cumsum else tuple(accumulate(self.host))
 
     def counts(self) -> torch.Tensor:
-        """Per-group sizes as an int64 tensor on the compute device (no host sync).
+        """Per-group sizes covering exactly `total`: int64 on the compute device, no host sync.
 
-        For device data these are the sizes of the clamped groups (from safe_offsets), never the
-        raw values: a consumer that slices by them cannot overrun x whatever the caller sent.
+        Host values are exact already (counts are returned as given). Device values are
+        sanitised on the device: counts are clamped to [0, total], rows they leave uncovered go
+        to the last group, and if they overrun `total` every row goes to the last group; cumsums
+        are the differences of safe_offsets(). Whatever the (asynchronous) group_list assert
+        says, a kernel fed these neither reads past x nor leaves output rows uninitialised.
         """
         if "counts" not in self._cache:
-            if not self.cumsum and self.host is not None:
-                c = self.values
-            elif self.host is not None:
-                c = torch.tensor(self.host_counts(), dtype=torch.int64, device=self.values.device)
+            if self.host is not None:
+                c = self.values if not self.cumsum else torch.tensor(
+                    self.host_counts(), dtype=torch.int64, device=self.values.device)
+            elif self.cumsum:
+                c = torch.diff(self.safe_offsets(torch.int64), prepend=self.values.new_zeros(1))
             else:
-                c = torch.diff(self.safe_offsets().to(torch.int64), prepend=self.values.new_zeros(1))
+                c = self.values.clamp(0, self.total)  # clamped first: the sum cannot wrap int64
+                deficit = self.total - c.sum()
+                last = torch.zeros_like(c)
+                last[-1] = 1
+                c = torch.where(deficit >= 0, c + last * deficit, last * self.total)
             self._cache["counts"] = c
         return self._cache["counts"]
 
     def safe_offsets(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        """End offsets for offset-based kernels (torch._grouped_mm wants int32), on the device.
+        """Cumulative end offsets (no leading 0) for offset-based kernels, on the device.
 
-        Computed from host values when there are any; for device values they are forced
-        non-decreasing and inside [0, total], so a bad group_list can fail its assert but never
-        make a kernel read or write out of bounds.
+        torch._grouped_mm wants int32. Device cumsums are forced non-decreasing, inside
+        [0, total] and ending at total; device counts give the cumsum of counts().
         """
         key = ("offsets", dtype)
         if key not in self._cache:
             if self.host is not None:
-                offs = torch.tensor(self.host_offsets(), dtype=dtype, device=self.values.device)
+                offs = self.values if self.cumsum and dtype == torch.int64 else torch.tensor(
+                    self.host_offsets(), dtype=dtype, device=self.values.device)
+            elif self.cumsum:
+                ends = torch.cummax(self.values.clamp(0, self.total), 0).values
+                offs = torch.cat([ends[:-1], ends.new_full((1,), self.total)]).to(dtype)
             else:
-                if self.cumsum:
-                    ends = torch.cummax(self.values.clamp(0, self.total), 0).values
-                    # The last group ends at `total` so no row is left uninitialised.
-                    ends = torch.cat([ends[:-1], ends.new_full((1,), self.total)])
-                else:  # the groups of safe_counts, so every backend sees the same ones
-                    ends = torch.cumsum(self.safe_counts(), 0)
-                offs = ends.to(dtype)
+                offs = torch.cumsum(self.counts(), 0).to(dtype)
             self._cache[key] = offs
         return self._cache[key]
-
-    def safe_counts(self) -> torch.Tensor:
-        """Per-group sizes covering exactly `total`, for count-based kernels (no host sync, no cumsum).
-
-        Host values are already exact and are returned as they are. Device values are clamped
-        to [0, total]; rows they leave uncovered go to the last group, and if they overrun
-        `total` every row goes to the last group: the kernel neither reads past x nor leaves
-        output rows uninitialised, whatever the (asynchronous) group_list assert says.
-        """
-        if self.cumsum:
-            return torch.diff(self.safe_offsets(torch.int64), prepend=self.values.new_zeros(1))
-        if self.host is not None:
-            return self.values
-        if "safe_counts" not in self._cache:
-            # Clamped to [0, total] first: their sum cannot wrap around int64.
-            c = self.values.clamp(0, self.total)
-            deficit = self.total - c.sum()
-            last = torch.zeros_like(c)
-            last[-1] = 1
-            self._cache["safe_counts"] = torch.where(deficit >= 0, c + last * deficit, last * self.total)
-        return self._cache["safe_counts"]
 
     def row_group_ids(self) -> torch.Tensor:
         """Group index of each of the `total` rows (int64, on the device, no host sync)."""
         if "ids" not in self._cache:
             ids = torch.arange(self.num_groups, device=self.values.device)
-            counts = self.host_counts()
-            if counts is not None:
-                ids = torch.repeat_interleave(ids, torch.tensor(counts, device=ids.device), output_size=self.total)
-            else:
-                safe = torch.diff(self.safe_offsets(torch.int64), prepend=self.values.new_zeros(1))
-                ids = torch.repeat_interleave(ids, safe, output_size=self.total)
-            self._cache["ids"] = ids
+            self._cache["ids"] = torch.repeat_interleave(ids, self.counts(), output_size=self.total)
         return self._cache["ids"]
 
 

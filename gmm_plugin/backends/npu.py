@@ -20,7 +20,7 @@ torch_npu docs, MindSpeed docs/zh/ops/gmm.md):
   * the innermost dim of x / weight < 65536 -> the work is split into column blocks
   * every dim < 2**31 after 32-byte alignment -> ValueError (cannot be split)
   * uncovered rows stay uninitialised     -> host group_lists are checked exactly before any
-    kernel runs; device group_lists are sanitised on the device (Groups.safe_counts /
+    kernel runs; device group_lists are sanitised on the device (Groups.counts /
     safe_offsets) so every row is computed and nothing outside x is read
   * layouts: x contiguous for group_type 0; weight contiguous or a transposed view; for group_type 2
     x a transposed view and weight contiguous; anything else is copied into that layout first.
@@ -152,15 +152,6 @@ def _blocks(size: int):
     return [(i, min(i + _BLOCK, size)) for i in range(0, size, _BLOCK)]
 
 
-def _device_offsets(groups: Groups) -> torch.Tensor:
-    """Cumulative sums on the device, grouping rows exactly as the group_list the kernels get."""
-    if groups.cumsum:
-        return groups.values if groups.host is not None else groups.safe_offsets(torch.int64)
-    if groups.host is not None:
-        return groups.safe_offsets(torch.int64)  # built from the host values: no device cumsum
-    return torch.cumsum(groups.safe_counts(), 0)
-
-
 def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
     """(g0, g1, start, end, group_list) per kernel call, at most MAX_GROUPS_PER_CALL groups each.
 
@@ -173,7 +164,7 @@ def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
         return
     offsets = groups.host_offsets()
     if offsets is None:
-        offsets = tuple(_device_offsets(groups).tolist())
+        offsets = tuple(groups.safe_offsets(torch.int64).tolist())
     for g0 in range(0, e, MAX_GROUPS_PER_CALL):
         g1 = min(g0 + MAX_GROUPS_PER_CALL, e)
         start = offsets[g0 - 1] if g0 else 0
@@ -195,8 +186,8 @@ class NpuBackend:
     # group_list exactly as the caller gave it when it was checked on the host; a device one sanitised
     def _group_list(self, groups: Groups) -> tuple[torch.Tensor, int]:
         if groups.cumsum:
-            return (groups.values if groups.host is not None else groups.safe_offsets(torch.int64)), 0
-        return groups.safe_counts(), 1
+            return groups.safe_offsets(torch.int64), 0
+        return groups.counts(), 1
 
     @staticmethod
     def _call(torch_npu, x, w, gl, group_type, gl_type):
@@ -304,7 +295,7 @@ class NpuBackend:
             target, left, right = out.transpose(-1, -2), b, a.t()
         else:
             return False
-        offsets = _device_offsets(groups)
+        offsets = groups.safe_offsets(torch.int64)
         checks.check_devices(left, weight=right, group_list=offsets, out=target)
         for g0, g1, s, t, part in _chunks(groups, offsets, True):
             if t > s:
