@@ -30,8 +30,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out_dir, *extra, procs: int = 1, expect_rc: int = 0, plot: bool = False):
-    args = [SCRIPT, "--config", PRESET, "--out-dir", str(out_dir), *extra]
+def run(out_dir, *extra, procs: int = 1, expect_rc: int = 0, plot: bool = False, config: str = PRESET):
+    args = [SCRIPT, "--config", config, "--out-dir", str(out_dir), *extra]
     if not plot:
         args.append("--no-plot")
     if procs > 1:
@@ -149,3 +149,18 @@ def test_expert_parallel_2_processes_matches_1_process(plugin_run, tmp_path):
     # (gloo all-reduce of two halves vs one process summing two micro-batches).
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
     assert worst <= 1e-4, worst
+
+
+def test_main_cpu_preset_first_50_steps_plugin_matches_megatron(tmp_path):
+    # The README's preset, its real 600-step schedule, stopped after step 50 (the fault hook).
+    main = os.path.join(ROOT, "configs", "pretrain_tiny_cpu.yaml")
+    curves = []
+    for name, flags in (("plugin", ["--use-gmm-plugin"]), ("megatron", [])):
+        out = tmp_path / name
+        run(out, "--save-interval", "0", "--fault", "kill-after-step:50", *flags, config=main, expect_rc=SIGKILL_RC)
+        curves.append(losses(out))
+    a, b = curves
+    assert len(a) == len(b) == 50
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert worst <= 1e-4, worst
+    assert sum(a[-5:]) / 5 < 0.6 * sum(a[:5]) / 5  # and it learns
