@@ -684,17 +684,21 @@ def main(argv=None) -> int:
 
     # Data: rank 0 tokenizes (once, cached), the others wait and read the same files.
     cache_dir = cfg["data"]["cache_dir"] or os.path.join(out_dir, "data")
-    prefix = None
-    if is_main:
-        prefix = moe_data.build_indexed_dataset(data_path, cache_dir, max_bytes=cfg["data"]["max_bytes"],
-                                                json_key=cfg["data"]["json_key"])
-    barrier()
-    if not is_main:
-        prefix = moe_data.build_indexed_dataset(data_path, cache_dir, max_bytes=cfg["data"]["max_bytes"],
-                                                json_key=cfg["data"]["json_key"])
     t = cfg["train"]
-    dataset = moe_data.build_gpt_dataset(prefix, seq_length=cfg["model"]["seq_length"],
-                                         num_samples=t["steps"] * t["global_batch_size"], seed=seed)
+
+    def data():
+        return moe_data.build_indexed_dataset(data_path, cache_dir, max_bytes=cfg["data"]["max_bytes"],
+                                              json_key=cfg["data"]["json_key"])
+    try:
+        prefix = data() if is_main else None
+        barrier()
+        if not is_main:  # a cache hit: rank 0 has built it
+            prefix = data()
+        dataset = moe_data.build_gpt_dataset(prefix, seq_length=cfg["model"]["seq_length"],
+                                             num_samples=t["steps"] * t["global_batch_size"], seed=seed)
+    except moe_data.DataError as e:
+        sys.stderr.write(f"pretrain_moe.py: error: {e}\n")
+        sys.exit(2)  # under torchrun the launcher then stops the other ranks
 
     model, tconfig = build_model(cfg, device, plugin_cfg is not None, log)
     ddp_model = DistributedDataParallel(
@@ -767,7 +771,6 @@ def main(argv=None) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
 
     metrics_file = open(metrics_path, "a", encoding="utf-8") if is_main else None
-    aux_scale = torch.tensor(1.0 / batches.num_micro, device=device)
     dp_group = parallel_state.get_data_parallel_group()
     import torch.distributed as dist
     window_t, window_steps = time.time(), 0
@@ -777,18 +780,22 @@ def main(argv=None) -> int:
         t0 = time.time()
         ddp_model.zero_grad_buffer()
         optimizer.zero_grad()
-        MoEAuxLossAutoScaler.set_loss_scale(aux_scale)  # as Megatron's schedule does per iteration
+        # As Megatron's schedule does: the loss (fp16: times the dynamic loss scale; 1 otherwise)
+        # is averaged over micro-batches, and the MoE aux loss's gradient gets the same scale.
+        loss_scale = optimizer.get_loss_scale()
+        MoEAuxLossAutoScaler.set_loss_scale(loss_scale / batches.num_micro)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for micro in range(batches.num_micro):
             b = batches.get(step, micro)
             per_token = ddp_model(b["tokens"], b["position_ids"], None, labels=b["labels"])
             loss = (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
-            (loss / batches.num_micro).backward()
+            (loss / batches.num_micro * loss_scale).backward()
             loss_sum += loss.detach()
         finalize_grads(ddp_model)
         with optimizer_context(device):
             ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        if ok:  # an fp16 overflow skips the update, and the schedule waits too (as in Megatron)
+            scheduler.step(increment=1)
         loss_mean = loss_sum / batches.num_micro
         if dp_size > 1:
             dist.all_reduce(loss_mean, group=dp_group)
