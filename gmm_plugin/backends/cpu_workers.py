@@ -12,6 +12,7 @@ more than one intra-op thread and enough work; otherwise the caller runs the loo
 """
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -90,29 +91,44 @@ def usable_workers(flops: float, *tensors: torch.Tensor) -> int:
     return n if n > 1 else 0
 
 
-def run(fns) -> None:
-    """Run fns (one per worker) on the pool and wait; inline when the pool is in use."""
+def run(pieces, do, workers: int) -> None:
+    """Call do(piece) for every piece, on `workers` workers that each take the next piece as they
+    finish the last one (so a core slowed down by another process just takes fewer pieces), and
+    wait. Inline when the pool is in use by another thread."""
     global _pool
-    fns = list(fns)
-    if len(fns) <= 1:
-        for fn in fns:
-            fn()
+    pieces = list(pieces)
+    workers = min(workers, len(pieces))
+    if workers <= 1:
+        for piece in pieces:
+            do(piece)
         return
     with _pool_lock:
-        if _pool is None or _pool.size < len(fns):
-            _pool = _Workers(len(fns))
+        if _pool is None or _pool.size < workers:
+            _pool = _Workers(workers)
         pool = _pool
     if not pool.busy.acquire(blocking=False):  # another thread is using it: do the work inline
-        for fn in fns:
-            fn()
+        for piece in pieces:
+            do(piece)
         return
+    order = itertools.count()  # next() on it is atomic under the GIL
+
+    def worker():
+        for i in iter(lambda: next(order), None):
+            if i >= len(pieces):
+                return
+            do(pieces[i])
+
     try:
-        pool.run(fns)
+        pool.run([worker] * workers)
     finally:
         pool.busy.release()
 
 
-def spans(total: int, parts: int) -> list[tuple[int, int]]:
-    """`parts` contiguous, nearly equal ranges covering [0, total) (empty ones dropped)."""
-    bounds = [total * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+def blocks(start: int, end: int, step: int):
+    """[start, end) in consecutive ranges of at most `step`."""
+    return [(lo, min(lo + step, end)) for lo in range(start, end, step)]
+
+
+def block_size(total: int, workers: int, floor: int = 128) -> int:
+    """Rows per piece: a few pieces per worker to balance, none so small that a GEMM slows down."""
+    return max(floor, -(-total // (4 * workers)))

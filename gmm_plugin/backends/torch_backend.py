@@ -42,26 +42,21 @@ def _host_segments(groups: Groups):
         start = end
 
 
-def _rows_job(x, w, y, segments, lo, hi):
-    """y[r] = x[r] @ w[group of r] for the rows r in [lo, hi)."""
-    def job():
-        for e, s, t in segments:
-            s, t = max(s, lo), min(t, hi)
-            if s < t:
-                torch.mm(x[s:t], w[e], out=y[s:t])
-    return job
+def _split_m_pieces(groups: Groups, total: int, workers: int):
+    """(group, first row, end row) pieces of every group, largest first."""
+    step = cpu_workers.block_size(total, workers)
+    out = [(e, lo, hi) for e, s, t in _host_segments(groups) for lo, hi in cpu_workers.blocks(s, t, step)]
+    return sorted(out, key=lambda p: p[1] - p[2])
 
 
-def _k_job(a, b, out, segments, lo, hi, accumulate):
-    """Rows [lo, hi) of out[e] = a[:, seg e] @ b[seg e] (added in out's dtype when accumulating)."""
-    def job():
-        for e, s, t in segments:
-            if s < t:
-                if accumulate:
-                    out[e, lo:hi].addmm_(a[lo:hi, s:t].to(out.dtype), b[s:t].to(out.dtype))
-                else:
-                    torch.mm(a[lo:hi, s:t], b[s:t], out=out[e, lo:hi])
-    return job
+def _split_k_pieces(groups: Groups, rows: int, workers: int):
+    """(group, first column of a, end column, first output row, end output row) pieces, largest
+    first: whole groups when there are enough to share out, else output-row blocks of each."""
+    segments = [(e, s, t) for e, s, t in _host_segments(groups) if t > s]
+    parts = 1 if len(segments) >= 4 * workers else -(-4 * workers // max(len(segments), 1))
+    step = max(-(-rows // parts), 64)
+    out = [(e, s, t, lo, hi) for e, s, t in segments for lo, hi in cpu_workers.blocks(0, rows, step)]
+    return sorted(out, key=lambda p: (p[1] - p[2]) * (p[4] - p[3]))
 
 
 class TorchBackend:
@@ -74,10 +69,13 @@ class TorchBackend:
         if x.shape[0] == 0:
             return x.new_zeros(0, w.shape[-1])
         n = cpu_workers.usable_workers(2.0 * x.shape[0] * x.shape[1] * w.shape[-1], x, w)
-        if n:  # CPU: each core takes a contiguous share of the rows
+        if n:  # CPU: the cores share out pieces of the groups' rows
             y = x.new_empty(x.shape[0], w.shape[-1])
-            segments = list(_host_segments(groups))
-            cpu_workers.run(_rows_job(x, w, y, segments, lo, hi) for lo, hi in cpu_workers.spans(x.shape[0], n))
+
+            def do(piece):
+                e, s, t = piece
+                torch.mm(x[s:t], w[e], out=y[s:t])
+            cpu_workers.run(_split_m_pieces(groups, x.shape[0], n), do, n)
             return y
         if _native_ok(x, w):
             return torch._grouped_mm(x, w, groups.safe_offsets())
@@ -89,16 +87,21 @@ class TorchBackend:
     def grouped_mm_k(self, a, b, groups: Groups, out=None):
         flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
         n = cpu_workers.usable_workers(flops, a, b, *(() if out is None else (out,)))
-        if n:  # CPU: each core takes a contiguous share of every group's output rows
-            segments = list(_host_segments(groups))
+        if n:  # CPU: the cores share out groups (or blocks of their output rows)
             accumulate = out is not None
             if out is None:
                 out = a.new_empty(groups.num_groups, a.shape[0], b.shape[1])
-                for e, s, t in segments:
+                for e, s, t in _host_segments(groups):
                     if s == t:
                         out[e].zero_()
-            cpu_workers.run(_k_job(a, b, out, segments, lo, hi, accumulate)
-                            for lo, hi in cpu_workers.spans(a.shape[0], n))
+
+            def do(piece):
+                e, s, t, lo, hi = piece
+                if accumulate:  # in out's dtype (fp32 main_grad for 16-bit a, b)
+                    out[e, lo:hi].addmm_(a[lo:hi, s:t].to(out.dtype), b[s:t].to(out.dtype))
+                else:
+                    torch.mm(a[lo:hi, s:t], b[s:t], out=out[e, lo:hi])
+            cpu_workers.run(_split_k_pieces(groups, a.shape[0], n), do, n)
             return out
         if out is None:
             if a.shape[1] > 0 and _native_ok(a, b):
