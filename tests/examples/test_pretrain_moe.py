@@ -164,3 +164,15 @@ def test_main_cpu_preset_first_50_steps_plugin_matches_megatron(tmp_path):
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
     assert worst <= 1e-4, worst
     assert sum(a[-5:]) / 5 < 0.6 * sum(a[:5]) / 5  # and it learns
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_trains(tmp_path, dtype):
+    # bf16: Megatron's Float16 optimizer with fp32 master weights; fp16 adds the dynamic loss
+    # scale (the first steps overflow at 2**32 and are skipped while the scale backs off).
+    run(tmp_path, "--use-gmm-plugin", "--set", f"model.dtype={dtype}", "--save-interval", "0")
+    r = rows(tmp_path)
+    assert len(r) == STEPS and all(x["loss"] == x["loss"] for x in r)
+    done = [x for x in r if not x["skipped"]]
+    assert len(done) >= STEPS // 2
+    assert sum(x["loss"] for x in r[-5:]) / 5 < 0.8 * sum(x["loss"] for x in r[:5]) / 5
