@@ -122,7 +122,7 @@ def _fingerprint(source: str, max_bytes: int, json_key: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _is_indexed_prefix(source: str) -> bool:
+def is_indexed_prefix(source: str) -> bool:
     return os.path.isfile(source + ".bin") and os.path.isfile(source + ".idx")
 
 
@@ -134,7 +134,7 @@ def build_indexed_dataset(source: str, cache_dir: str, *, max_bytes: int, json_k
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    if source != "stdlib" and _is_indexed_prefix(source):
+    if source != "stdlib" and is_indexed_prefix(source):
         check_indexed_prefix(source)
         return source
     if max_bytes <= 0:

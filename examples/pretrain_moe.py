@@ -478,7 +478,7 @@ def enable_plugin(args, preset: dict, device: str, log):
 
 # ---------------------------------------------------------------- optimizer on a CPU
 
-class _CudaLiteralsOnCpu(__import__("torch").overrides.TorchFunctionMode):
+class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
     """Megatron's optimizer (FP32Optimizer, clip_grads) creates small tensors with a literal
     device='cuda', calls .cuda() and asserts grad.type() == 'torch.cuda.FloatTensor'; on a CPU
     run those mean the CPU. Active only around the optimizer's construction and step, and only
@@ -640,7 +640,7 @@ def main(argv=None) -> int:
     data_path = cfg["data"]["path"]
     if data_path != "stdlib":
         data_path = os.path.abspath(data_path)
-        if not (os.path.isfile(data_path) or moe_data._is_indexed_prefix(data_path)):
+        if not (os.path.isfile(data_path) or moe_data.is_indexed_prefix(data_path)):
             what = "is a directory" if os.path.isdir(data_path) else "does not exist"
             parser.exit(2, f"pretrain_moe.py: error: data path {cfg['data']['path']!r} {what}; pass a .txt or "
                            ".jsonl file, a Megatron indexed-dataset prefix (PREFIX.bin + PREFIX.idx), or 'stdlib'\n")
@@ -862,8 +862,7 @@ def main(argv=None) -> int:
                   f"(first 10% of steps) -> {summary['last_10pct_mean']:.4f} (last 10%), drop {summary['drop']:.4f} "
                   f"({100 * summary['drop_relative']:.1f}%); outputs in {out_dir}", flush=True)
     barrier()
-    import torch.distributed as dist2
-    dist2.destroy_process_group()
+    dist.destroy_process_group()
     return 0
 
 
