@@ -213,7 +213,8 @@ def validate(cfg: dict, world_size: int, where: str) -> None:
     dp = world_size  # tensor and pipeline parallel sizes are 1 in this example
     if t["global_batch_size"] % (t["micro_batch_size"] * dp):
         bad(f"'train.global_batch_size' ({t['global_batch_size']}) must be a multiple of "
-            f"'train.micro_batch_size' x data-parallel size ({t['micro_batch_size']} x {dp})")
+            f"'train.micro_batch_size' x data-parallel size ({t['micro_batch_size']} x {dp}); "
+            "lower the micro batch size or raise the global one")
     if t["min_lr"] > t["lr"]:
         bad(f"'train.min_lr' ({t['min_lr']}) exceeds 'train.lr' ({t['lr']})")
     if t["warmup_steps"] >= t["steps"]:
