@@ -479,28 +479,11 @@ def enable_plugin(args, preset: dict, device: str, log):
 
 # ---------------------------------------------------------------- optimizer on a CPU
 
-class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
-    """Megatron's optimizer (FP32Optimizer, clip_grads) creates small tensors with a literal
-    device='cuda', calls .cuda() and asserts grad.type() == 'torch.cuda.FloatTensor'; on a CPU
-    run those mean the CPU. Active only around the optimizer's construction and step, and only
-    when there is no accelerator (patches.cpu_platform covers the model's forward/backward)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.cuda:
-            return args[0]
-        out = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
-            return out.replace("torch.", "torch.cuda.", 1)  # the type name a CUDA tensor would have
-        return out
-
-
 def optimizer_context(device: str):
     import contextlib
-    return _CudaLiteralsOnCpu() if device == "cpu" else contextlib.nullcontext()
+
+    from patches import cpu_platform
+    return cpu_platform.cuda_literals_on_cpu() if device == "cpu" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- training

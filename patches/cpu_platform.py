@@ -29,7 +29,7 @@ import torch
 
 from ._patching import PatchSet
 
-__all__ = ["enable", "disable", "is_enabled", "accelerator_present"]
+__all__ = ["enable", "disable", "is_enabled", "accelerator_present", "cuda_literals_on_cpu"]
 
 _patches = PatchSet()
 _enabled = False
@@ -245,3 +245,27 @@ def disable() -> None:
     if cls is not None and isinstance(getattr(cls, "cuda_dtoh_stream", None), _Stream):
         cls.cuda_dtoh_stream = None
     _enabled = False
+
+
+class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
+    """Megatron's optimizer (FP32Optimizer, clip_grads) creates small tensors with a literal
+    device='cuda', calls .cuda() and asserts grad.type() == 'torch.cuda.FloatTensor'; on a CPU
+    run those mean the CPU. A torch function mode, so it is active only inside its `with`
+    (the optimizer's construction and step), never process-wide."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
+            return out.replace("torch.", "torch.cuda.", 1)  # the type name a CUDA tensor would have
+        return out
+
+
+def cuda_literals_on_cpu() -> _CudaLiteralsOnCpu:
+    """Context for Megatron's optimizer on a CPU run: literal CUDA devices mean the CPU."""
+    return _CudaLiteralsOnCpu()

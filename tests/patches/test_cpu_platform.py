@@ -96,3 +96,18 @@ def test_disable_drops_the_cached_dispatcher_stream(shim):
     td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = torch.cuda.Stream()
     shim.disable()
     assert td.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream is None
+
+
+def test_cuda_literals_on_cpu_only_inside_its_scope():
+    """Megatron's optimizer code: device='cuda', .cuda() and grad.type() checks mean the CPU inside."""
+    from patches import cpu_platform
+    x = torch.ones(3)
+    with cpu_platform.cuda_literals_on_cpu():
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu"
+        assert x.cuda() is x
+        assert x.type() == "torch.cuda.FloatTensor"
+    assert x.type() == "torch.FloatTensor"
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(2, device="cuda")
