@@ -191,3 +191,16 @@ def test_blocks_cover_exactly():
             assert all(0 < hi - lo <= step for lo, hi in b)
             assert all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
             assert not b or (b[0][0] == start and b[-1][1] == end)
+
+
+def test_idle_workers_keep_no_tensor_alive(workers):
+    import gc
+    import weakref
+    x, w = torch.randn(sum(SIZES), K), torch.randn(len(SIZES), K, N)
+    with torch.no_grad():
+        y = gmm_plugin.npu_gmm_v2(x, w, group_list=SIZES)
+    assert workers
+    ref = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref() is None

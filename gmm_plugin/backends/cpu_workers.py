@@ -50,12 +50,14 @@ class _Workers:
         ready.put(None)
         while True:
             fn = jobs.get()
+            error = None
             try:
                 fn()
             except BaseException as e:  # handed to the caller, which re-raises it
-                self._done.put(e)
-            else:
-                self._done.put(None)
+                error = e
+            fn = None  # before signalling: an idle worker must not keep the job's tensors alive
+            self._done.put(error)
+            error = None
 
     def run(self, fns) -> None:
         for q, fn in zip(self._jobs, fns):
