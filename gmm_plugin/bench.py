@@ -208,7 +208,7 @@ class GmmProblem:
 
 def _loop_forward(x, w, sizes):
     """What a per-expert loop (Megatron's SequentialMLP) does: mm per group, then cat."""
-    parts = [torch.mm(xe, w[e]) for e, xe in enumerate(torch.split(x, sizes))]
+    parts = [torch.mm(xe, we) for xe, we in zip(torch.split(x, sizes), w.unbind(0))]  # unbind: one stack in backward
     return torch.cat(parts) if parts else x.new_zeros(0, w.shape[-1])
 
 
@@ -524,6 +524,9 @@ def machine_info() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
+    # glibc settings that decide whether big freed buffers are kept (see docs/benchmarks.md)
+    info["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))
+                          or k in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")}
     return info
 
 
@@ -660,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"# {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
-          + (f", {info['cuda_device']}" if "cuda_device" in info else ""))
+          + (f", {info['cuda_device']}" if "cuda_device" in info else "")
+          + "; allocator: " + (" ".join(f"{k}={v}" for k, v in info["malloc_env"].items()) or "glibc defaults"))
     print(f"# GMM M={args.tokens} K={args.hidden} N={args.ffn}; min of {args.repeat} rounds"
           + ("; --tiny: a smoke test, the figures mean nothing" if args.tiny else ""))
     rows: list[Row] = []
@@ -775,7 +779,10 @@ _MISSING = object()
 def layer_suite(args) -> tuple[list[Row], str | None]:
     """Megatron MoELayer forward+backward: plugin vs SequentialMLP (vs legacy GroupedMLP)."""
     try:
-        import megatron.core  # noqa: F401
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            import megatron.core  # noqa: F401
 
         import patches
         from patches import cpu_platform
@@ -784,7 +791,7 @@ def layer_suite(args) -> tuple[list[Row], str | None]:
     import warnings
 
     from gmm_plugin.config import load_config
-    warnings.filterwarnings("ignore", module=r"megatron\..*")  # TE/Apex missing, deprecations
+    warnings.filterwarnings("ignore", category=UserWarning)  # Megatron: TE/Apex missing, deprecations
     cpu_platform.enable(force=True)
     _ensure_world()
     legacy = patches.megatron_version()[:2] < (0, 17)
