@@ -204,3 +204,21 @@ def test_idle_workers_keep_no_tensor_alive(workers):
     del y
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_pool_usable_in_a_forked_child():
+    import multiprocessing as mp
+    cpu_workers.run(range(2), lambda _: None, 2)  # the parent's pool exists (its threads do not survive fork)
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_runs_pool, args=(q,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0 and q.get(timeout=5) == list(range(10))
+
+
+def _child_runs_pool(q):
+    seen = []
+    cpu_workers.run(range(10), seen.append, 2)  # would wait forever on the parent's dead threads
+    q.put(sorted(seen))
