@@ -489,6 +489,8 @@ def example_suite(args) -> tuple[list[Row], str | None]:
                 cmd = [sys.executable, script, "--config", config, "--steps", str(args.example_steps),
                        "--out-dir", out, "--save-interval", "0", "--no-plot", "--quiet",
                        "--set", "train.warmup_steps=1", *flags]  # short runs: warmup < steps
+                if args.example_threads is not None:
+                    cmd += ["--set", f"train.cpu_threads={args.example_threads}"]
                 proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
                 if proc.returncode != 0:
                     return [], f"the example failed ({' '.join(cmd[1:])}): {proc.stderr.strip()[-400:]}"
@@ -501,7 +503,8 @@ def example_suite(args) -> tuple[list[Row], str | None]:
     rows = []
     for name, runs in best.items():
         t = min(runs)
-        rows.append(Row(suite="example", op=f"pretrain_moe.py step ({os.path.basename(config)})", dtype="-",
+        threads = "" if args.example_threads is None else f", cpu_threads={args.example_threads}"
+        rows.append(Row(suite="example", op=f"pretrain_moe.py step ({os.path.basename(config)}{threads})", dtype="-",
                         experts=0, impl=name, time_ms=round(t, 2), ratio_to_dense=round(t / base, 4),
                         note=f"{tokens / t * 1e3:,.0f} tokens/s", samples_ms=[round(v, 2) for v in runs],
                         extra={"tokens_per_s": tokens / t * 1e3}))
@@ -630,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--example-steps", type=int, default=40, help="training steps per example run [40]")
     ap.add_argument("--example-runs", type=int, default=2, help="example runs of each kind, alternating [2]")
     ap.add_argument("--example-config", metavar="PATH", help="example preset [configs/pretrain_tiny_cpu.yaml]")
+    ap.add_argument("--example-threads", type=int, default=None,
+                    help="train.cpu_threads for the example runs (0: torch's default) [the preset's]")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds; the minimum is reported [5]")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first [1]")
     ap.add_argument("--fp16-dense-rows", type=int, default=64,

@@ -22,6 +22,8 @@ BIG = ([300, 0, 129], 160, 40)
 def workers(monkeypatch):
     """Force the worker path on tiny shapes and count its uses."""
     monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
+    monkeypatch.setattr(cpu_workers, "MAX_GROUP_ROWS", float("inf"))
+    monkeypatch.setattr(cpu_workers, "MIN_GROUP_CELLS", 0)
     if torch.get_num_threads() < 2:
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     calls = []
@@ -130,17 +132,19 @@ def _starts(sizes):
 
 def test_not_used_below_threshold_or_when_recording(monkeypatch):
     x = torch.randn(8, 4, requires_grad=True)
-    assert cpu_workers.usable_workers(1.0, x) == 0                     # too small
-    monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
+    big = (float(1 << 40), 128.0, 1 << 22)  # flops, mean group rows, group matrix size
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert cpu_workers.usable_workers(1.0, x) == 0                     # grad mode + requires_grad: out= would fail
     with torch.no_grad():
-        assert cpu_workers.usable_workers(1.0, x) == 2
+        assert cpu_workers.usable_workers(*big, x) == 2
+        assert cpu_workers.usable_workers(1.0, 128.0, 1 << 22, x) == 0         # too little work
+        assert cpu_workers.usable_workers(big[0], 4096.0, 1 << 22, x) == 0     # big groups: usual GEMMs
+        assert cpu_workers.usable_workers(big[0], 128.0, 1 << 10, x) == 0      # small matrices
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert cpu_workers.usable_workers(1.0, x) == 0             # autocast is thread-local
+            assert cpu_workers.usable_workers(*big, x) == 0                    # autocast is thread-local
+    assert cpu_workers.usable_workers(*big, x) == 0                            # grad mode + requires_grad
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     with torch.no_grad():
-        assert cpu_workers.usable_workers(1.0, x) == 0                 # one thread: nothing to share
+        assert cpu_workers.usable_workers(*big, x) == 0                        # one thread: nothing to share
 
 
 def _raise_on(bad):

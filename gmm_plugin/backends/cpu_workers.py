@@ -8,7 +8,8 @@ calling thread waits. The products are the same GEMMs on sub-blocks, so results 
 whole-group GEMM at most by the kernel's blocking (rounding order), never by more.
 
 Used only for real CPU tensors, outside autograd recording, autocast and dispatch modes, with
-more than one intra-op thread and enough work; otherwise the caller runs the loop itself.
+more than one intra-op thread, and for shapes where it measured faster (see the thresholds
+below); otherwise the caller runs the usual multi-threaded path.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ import threading
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-MIN_FLOPS = 1 << 26   # below ~67 MFLOP the hand-off costs more than it saves
+# When the workers pay off (measured on the 2-core reference machine, docs/benchmarks.md): many
+# small groups (a multi-threaded GEMM on ~100 rows is where OpenMP loses most) of big matrices,
+# in a big enough product that the hand-off and the caller's spinning OpenMP threads do not show.
+MIN_FLOPS = 1 << 31        # ~2.1 GFLOP for the whole grouped product
+MAX_GROUP_ROWS = 512       # mean rows of a non-empty group; larger groups run well multi-threaded
+MIN_GROUP_CELLS = 1 << 20  # elements of each group's weight (or weight-gradient) matrix
 _local = threading.local()
 _pool = None
 _pool_lock = threading.Lock()
@@ -77,9 +83,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def usable_workers(flops: float, *tensors: torch.Tensor) -> int:
-    """How many workers a grouped product of `flops` on these tensors may use (0: run inline)."""
-    if flops < MIN_FLOPS or getattr(_local, "worker", False):
+def usable_workers(flops: float, group_rows: float, group_cells: int, *tensors: torch.Tensor) -> int:
+    """How many workers a grouped product may use (0: the caller runs it with the usual
+    multi-threaded GEMMs). flops: the whole product; group_rows: the mean size of a non-empty
+    group along the split axis; group_cells: the size of the matrix every group's GEMM streams
+    (the expert weight, or the weight-gradient block)."""
+    if flops < MIN_FLOPS or group_rows > MAX_GROUP_ROWS or group_cells < MIN_GROUP_CELLS \
+            or getattr(_local, "worker", False):
         return 0
     grad = torch.is_grad_enabled()
     for t in tensors:

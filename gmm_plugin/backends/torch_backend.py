@@ -42,6 +42,15 @@ def _host_segments(groups: Groups):
         start = end
 
 
+def _mean_group(groups: Groups, total: int) -> float:
+    """Mean size of the non-empty groups (host sizes; inf when they live on a device)."""
+    counts = groups.host_counts()
+    if counts is None:
+        return float("inf")
+    busy = sum(1 for c in counts if c > 0)
+    return total / busy if busy else 0.0
+
+
 def _split_m_pieces(groups: Groups, total: int, workers: int):
     """(group, first row, end row) pieces of every group, largest first."""
     step = cpu_workers.block_size(total, workers)
@@ -68,7 +77,8 @@ class TorchBackend:
     def grouped_mm(self, x, w, groups: Groups):
         if x.shape[0] == 0:
             return x.new_zeros(0, w.shape[-1])
-        n = cpu_workers.usable_workers(2.0 * x.shape[0] * x.shape[1] * w.shape[-1], x, w)
+        n = cpu_workers.usable_workers(2.0 * x.shape[0] * x.shape[1] * w.shape[-1],
+                                       _mean_group(groups, x.shape[0]), x.shape[1] * w.shape[-1], x, w)
         if n:  # CPU: the cores share out pieces of the groups' rows
             y = x.new_empty(x.shape[0], w.shape[-1])
 
@@ -85,8 +95,8 @@ class TorchBackend:
         return y
 
     def grouped_mm_k(self, a, b, groups: Groups, out=None):
-        flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
-        n = cpu_workers.usable_workers(flops, a, b, *(() if out is None else (out,)))
+        n = cpu_workers.usable_workers(2.0 * a.shape[0] * a.shape[1] * b.shape[1], _mean_group(groups, a.shape[1]),
+                                       a.shape[0] * b.shape[1], a, b, *(() if out is None else (out,)))
         if n:  # CPU: the cores share out groups (or blocks of their output rows)
             accumulate = out is not None
             if out is None:
