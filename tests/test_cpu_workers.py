@@ -133,6 +133,9 @@ def _starts(sizes):
 def test_not_used_below_threshold_or_when_recording(monkeypatch):
     x = torch.randn(8, 4, requires_grad=True)
     big = (float(1 << 40), 128.0, 1 << 22)  # flops, mean group rows, group matrix size
+    monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 1 << 31)
+    monkeypatch.setattr(cpu_workers, "MAX_GROUP_ROWS", 512)
+    monkeypatch.setattr(cpu_workers, "MIN_GROUP_CELLS", 1 << 20)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     with torch.no_grad():
         assert cpu_workers.usable_workers(*big, x) == 2
@@ -226,3 +229,26 @@ def _child_runs_pool(q):
     seen = []
     cpu_workers.run(range(10), seen.append, 2)  # would wait forever on the parent's dead threads
     q.put(sorted(seen))
+
+
+@pytest.mark.parametrize("use_workers", [False, True])
+def test_fused_bf16_group_larger_than_one_cast_block(use_workers, monkeypatch):
+    """Groups over _CAST_ROWS rows are converted block by block; the sum stays fp32-accurate."""
+    from gmm_plugin.backends import torch_backend
+    if use_workers:
+        monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
+        monkeypatch.setattr(cpu_workers, "MAX_GROUP_ROWS", float("inf"))
+        monkeypatch.setattr(cpu_workers, "MIN_GROUP_CELLS", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    sizes = [2 * torch_backend._CAST_ROWS + 37, 0, 5]
+    m, k, n = sum(sizes), 16, 24
+    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(len(sizes), k, n, dtype=torch.bfloat16, requires_grad=True)
+    w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
+    y = gmm_plugin.npu_gmm_v2(x, w, group_list=sizes, gemm_fusion=True, original_weight=w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected = torch.stack([x[s:s + c].detach().double().t() @ dy[s:s + c].double()
+                            for s, c in zip(_starts(sizes), sizes)])
+    assert (w.main_grad.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.count_nonzero(w.main_grad[1]) == 0

@@ -42,6 +42,22 @@ def _host_segments(groups: Groups):
         start = end
 
 
+_CAST_ROWS = 256  # rows of a group converted at a time when out is wider than a and b
+
+
+def _accumulate(out, a, b, s, t):
+    """out += a[:, s:t] @ b[s:t] in out's dtype (fp32 main_grad for bf16/fp16 a, b): the products
+    and their sum are fp32. Operands that need converting are converted _CAST_ROWS rows at a
+    time, so the transient stays ~_CAST_ROWS * (P + N) * 4 bytes however large the group is (a
+    whole group could exceed the gradient it is accumulating); measured no slower."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        out.addmm_(a[:, s:t], b[s:t])
+        return
+    for lo in range(s, t, _CAST_ROWS):
+        hi = min(lo + _CAST_ROWS, t)
+        out.addmm_(a[:, lo:hi].to(out.dtype), b[lo:hi].to(out.dtype))
+
+
 def _mean_group(groups: Groups, total: int) -> float:
     """Mean size of the non-empty groups (host sizes; inf when they live on a device)."""
     counts = groups.host_counts()
@@ -107,8 +123,8 @@ class TorchBackend:
 
             def do(piece):
                 e, s, t, lo, hi = piece
-                if accumulate:  # in out's dtype (fp32 main_grad for 16-bit a, b)
-                    out[e, lo:hi].addmm_(a[lo:hi, s:t].to(out.dtype), b[s:t].to(out.dtype))
+                if accumulate:
+                    _accumulate(out[e, lo:hi], a[lo:hi], b, s, t)
                 else:
                     torch.mm(a[lo:hi, s:t], b[s:t], out=out[e, lo:hi])
             cpu_workers.run(_split_k_pieces(groups, a.shape[0], n), do, n)
@@ -117,8 +133,7 @@ class TorchBackend:
             if a.shape[1] > 0 and _native_ok(a, b):
                 return torch._grouped_mm(a, b, groups.safe_offsets())
             out = a.new_zeros(groups.num_groups, a.shape[0], b.shape[1])
-        # Accumulate group by group: the only transient is one group's operands in out's dtype.
         for e, s, t in _host_segments(groups):
             if t > s:
-                out[e].addmm_(a[:, s:t].to(out.dtype), b[s:t].to(out.dtype))
+                _accumulate(out[e], a, b, s, t)
         return out
