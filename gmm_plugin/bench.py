@@ -560,41 +560,47 @@ def format_targets(targets: list[Target]) -> str:
     return "\n".join(f"{t.name.ljust(w)}  {t.measured:<34} {word[t.met]}" for t in targets)
 
 
+def _short_op(r: Row) -> str:
+    if r.suite == "layer":
+        return "layer " + r.op[r.op.index("(") + 1:-1]
+    return {"forward": "fwd", "forward+backward": "fwd+bwd", "fused backward": "fused bwd"}.get(r.op, r.op)
+
+
 def draw_png(rows: list[Row], path: str) -> str | None:
-    """Bar chart of time / dense per case; returns why not when matplotlib is missing."""
+    """Bar charts of time / dense per case (GMM, layer); returns why not when it cannot draw."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
-    groups = []
+    panels = {}
     for r in rows:
-        key = (r.suite, r.op, r.dtype, r.experts)
-        if r.ratio_to_dense is not None and r.suite != "cuda" and not (r.dtype == "fp16" and r.suite == "gmm"):
-            if not groups or groups[-1][0] != key:
-                groups.append((key, []))
-            groups[-1][1].append(r)
-    if not groups:
+        if r.ratio_to_dense is None or r.suite in ("cuda", "example") or r.dtype == "fp16":
+            continue
+        groups = panels.setdefault(r.suite, {})
+        groups.setdefault((r.op, r.dtype, r.experts), []).append(r)
+    if not panels:
         return "nothing to draw"
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 5))
-    impls = list(dict.fromkeys(r.impl for _, g in groups for r in g))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        xs, ys = [], []
-        for j, (_, g) in enumerate(groups):
-            for r in g:
-                if r.impl == impl:
-                    xs.append(j + i * width)
-                    ys.append(r.ratio_to_dense)
-        ax.bar(xs, ys, width, label=impl)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{op}\n{d} E={E}" for (_, op, d, E), _ in groups], fontsize=7)
-    ax.set_ylabel("time / dense GEMM time (lower is better)")
-    ax.legend(fontsize=7)
+    impls = list(dict.fromkeys(r.impl for g in panels.values() for rs in g.values() for r in rs))
+    colors = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4.2 * len(panels)), squeeze=False)
+    for ax, (suite, groups) in zip(axes[:, 0], panels.items()):
+        for j, rs in enumerate(groups.values()):
+            width = 0.8 / len(rs)
+            for i, r in enumerate(rs):
+                ax.bar(j + (i - (len(rs) - 1) / 2) * width, r.ratio_to_dense, width, color=colors[r.impl],
+                       label=r.impl)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{_short_op(rs[0])}\n{d} E={E}" for (_, d, E), rs in groups.items()], fontsize=7)
+        ax.set_ylabel("time / dense GEMM time")
+        ax.set_title(f"{suite}: lower is better", fontsize=9)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
