@@ -685,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
     skipped = []
     if "gmm" in args.suite:
         rows += gmm_suite(args, torch.device("cpu"))
+    if "cuda" in args.suite:
+        if torch.cuda.is_available():  # the GMM suite again on the GPU, then the sync and overhead checks
+            rows += gmm_suite(args, torch.device("cuda")) if "gmm" in args.suite else []
+            rows += cuda_suite(args)
+        else:
+            skipped.append("cuda suite skipped: no CUDA device")
     if "layer" in args.suite:
         layer_rows, why = layer_suite(args)
         rows += layer_rows
@@ -695,12 +701,6 @@ def main(argv: list[str] | None = None) -> int:
         rows += ex_rows
         if why:
             skipped.append(f"example suite skipped: {why}")
-    if "cuda" in args.suite:
-        if torch.cuda.is_available():  # the GMM suite again on the GPU, then the sync and overhead checks
-            rows += gmm_suite(args, torch.device("cuda")) if "gmm" in args.suite else []
-            rows += cuda_suite(args)
-        else:
-            skipped.append("cuda suite skipped: no CUDA device")
     print(format_table(rows))
     targets = evaluate_targets(rows)
     if targets:
@@ -804,10 +804,19 @@ def layer_suite(args) -> tuple[list[Row], str | None]:
     except ImportError as e:
         return [], f"needs megatron-core and the patches package ({e})"
     import warnings
-
-    from gmm_plugin.config import load_config
     warnings.filterwarnings("ignore", category=UserWarning)  # Megatron: TE/Apex missing, deprecations
-    cpu_platform.enable(force=True)
+    shim_was_on = cpu_platform.is_enabled()
+    cpu_platform.enable(force=True)  # the layer runs on the CPU, even where CUDA exists
+    try:
+        return _layer_rows(args, patches)
+    finally:
+        patches.revert()
+        if not shim_was_on:  # torch.cuda back to itself for whatever runs next
+            cpu_platform.disable()
+
+
+def _layer_rows(args, patches) -> tuple[list[Row], str | None]:
+    from gmm_plugin.config import load_config
     _ensure_world()
     legacy = patches.megatron_version()[:2] < (0, 17)
     cfg = load_config(None, env={}, overrides={"backend": "auto"})
