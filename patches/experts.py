@@ -23,14 +23,19 @@ from gmm_plugin.ops import gmm as gmm_ops
 state = types.SimpleNamespace(config=None)
 
 
+def _counts_on(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Counts as int64 beside x: host counts (alltoall/allgather dispatchers) for device tokens
+    take a non-blocking H2D copy, never a host sync."""
+    if counts.device != x.device or counts.dtype != torch.int64:
+        counts = counts.to(device=x.device, dtype=torch.int64, non_blocking=True)
+    return counts
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
                    original_weight: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] times weight [E, K, N] per expert group, with the active config."""
     cfg = state.config
-    counts = tokens_per_expert
-    if counts.device != x.device or counts.dtype != torch.int64:
-        # Host counts (alltoall/allgather dispatchers) for device tokens: H2D, no host sync.
-        counts = counts.to(device=x.device, dtype=torch.int64, non_blocking=True)
+    counts = _counts_on(x, tokens_per_expert)
     kwargs = {}
     if cfg.gemm_fusion and original_weight is not None and getattr(original_weight, "main_grad", None) is not None:
         kwargs = {"gemm_fusion": True, "original_weight": original_weight}
@@ -99,9 +104,7 @@ def legacy_gmm(a, b, batch_sizes, trans_b=False, gemm_fusion=False, original_wei
     that still calls grouped_gemm_util.ops.gmm: batch_sizes are counts, passed on as counts."""
     if trans_b:
         b = b.transpose(-1, -2)
-    counts = batch_sizes
-    if counts.device != a.device or counts.dtype != torch.int64:
-        counts = counts.to(device=a.device, dtype=torch.int64, non_blocking=True)
+    counts = _counts_on(a, batch_sizes)
     return gmm_ops.npu_gmm_v2(a, b, group_list=counts, gemm_fusion=gemm_fusion, original_weight=original_weight)
 
 
