@@ -30,12 +30,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .backends.torch_backend import set_fused_wgrad_dtype
+from .function import compute_dtype
 from .ops.gmm import npu_gmm_v2
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
 MB = 2.0 ** 20
 SUITES = ("gmm", "layer", "cuda", "example")
+FUSED_INPUT = "gmm-plugin gemm_fusion, input-dtype wgrad"   # fused_wgrad_dtype: input
+FUSED_INPUT_LAYER = "gmm-plugin (fused_wgrad_dtype input)"
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -307,17 +311,33 @@ def _gmm_rows(p: GmmProblem, dname: str, args, device) -> list[Row]:
         npu_gmm_v2(xl, wv, group_list=counts, gemm_fusion=True, original_weight=wl).backward(dy)
         xl.grad = wl.grad = None
 
+    def fused_input():
+        set_fused_wgrad_dtype("input")
+        try:
+            fused()
+        finally:
+            set_fused_wgrad_dtype("fp32")
+
     fu = {"dense torch.mm x3": dense3, "gmm-plugin unfused + main_grad.add_": unfused,
           "gmm-plugin gemm_fusion": fused}
+    if _wgrad_dtype_matters(p.dtype, device):
+        fu[FUSED_INPUT] = fused_input
     samples = time_cases(fu, args.repeat, args.warmup, device)
     peaks = {n: peak_bytes(f, device) for n, f in fu.items()} if args.memory else {}
     wgrad_mb = p.param.numel() * p.param.element_size() / MB
     meta = dict(suite=_suite_name(device), op="fused backward", dtype=dname, experts=p.E)
     rows += _rows_from(samples, 3 * p.flops(), "dense torch.mm x3", meta, peaks,
                        notes={"gmm-plugin gemm_fusion": f"weight grad {wgrad_mb:.1f} MB"})
-    rows[-1].extra["wgrad_mb"] = wgrad_mb
+    for r in rows[-len(fu):]:
+        r.extra["wgrad_mb"] = wgrad_mb
     del wl.main_grad
     return rows
+
+
+def _wgrad_dtype_matters(dtype: torch.dtype, device: torch.device) -> bool:
+    """fused_wgrad_dtype changes the GEMM only where the operands stay 16-bit (not fp16 on a CPU,
+    which is computed in fp32 throughout)."""
+    return compute_dtype(torch.empty(0, dtype=dtype, device=device)) != torch.float32
 
 
 def _fp16_cpu_rows(p: GmmProblem, args) -> list[Row]:
@@ -426,16 +446,18 @@ def evaluate_targets(rows: list[Row]) -> list[Target]:
                 lim = 1.10 if E <= 8 else 1.20
                 out.append(Target(f"GMM fwd+bwd {d} E={E} <= {lim:.2f}x 3 dense", f"{r.ratio_to_dense:.3f}x",
                                   r.ratio_to_dense <= lim))
-            f = _find(rows, suite="gmm", op="fused backward", dtype=d, experts=E, impl="gmm-plugin gemm_fusion")
             u = _find(rows, suite="gmm", op="fused backward", dtype=d, experts=E,
                       impl="gmm-plugin unfused + main_grad.add_")
-            if f and u:
-                out.append(Target(f"fused backward {d} E={E} no slower than unfused",
+            for impl, how in (("gmm-plugin gemm_fusion", ""), (FUSED_INPUT, " (fused_wgrad_dtype input)")):
+                f = _find(rows, suite="gmm", op="fused backward", dtype=d, experts=E, impl=impl)
+                if not (f and u):
+                    continue
+                out.append(Target(f"fused backward {d} E={E}{how} no slower than unfused",
                                   f"{f.time_ms / u.time_ms:.3f}x unfused", f.time_ms <= u.time_ms))
                 if f.peak_mb is not None and u.peak_mb is not None:
                     wg = f.extra["wgrad_mb"]
                     saved = u.peak_mb - f.peak_mb
-                    out.append(Target(f"fused backward {d} E={E} peak lower by >= 80% of wgrad",
+                    out.append(Target(f"fused backward {d} E={E}{how} peak lower by >= 80% of wgrad",
                                       f"{saved:.1f} MB lower = {saved / wg:.0%} of {wg:.1f} MB",
                                       saved >= 0.8 * wg))
     for E in exps:
@@ -820,6 +842,7 @@ def _layer_rows(args, patches) -> tuple[list[Row], str | None]:
     _ensure_world()
     legacy = patches.megatron_version()[:2] < (0, 17)
     cfg = load_config(None, env={}, overrides={"backend": "auto"})
+    cfg_input = load_config(cfg, env={}, overrides={"fused_wgrad_dtype": "input"})
     rows = []
     T, H, F = args.layer_tokens, args.hidden, args.ffn
     routed = T * args.topk
@@ -836,12 +859,12 @@ def _layer_rows(args, patches) -> tuple[list[Row], str | None]:
             patches.apply(cfg)
             plug = _build_moe_layer(_layer_config(args, E, dtype, grouped=True))
             patches.revert()
-            variants = {"SequentialMLP": (seq, None), "gmm-plugin": (plug, "plugin")}
+            variants = {"SequentialMLP": (seq, None, cfg), "gmm-plugin": (plug, "plugin", cfg)}
             if legacy and dtype == torch.bfloat16:
                 with _LegacyLoop():
                     variants["legacy GroupedMLP (loop gmm)"] = (_build_moe_layer(
-                        _layer_config(args, E, dtype, grouped=True)), "legacy")
-            for layer, _ in variants.values():  # same router weights: the same tokens per expert
+                        _layer_config(args, E, dtype, grouped=True)), "legacy", cfg)
+            for layer, *_ in variants.values():  # same router weights: the same tokens per expert
                 with torch.no_grad():
                     layer.router.weight.copy_(seq.router.weight)
             # dense reference: the layer's expert GEMMs as plain torch.mm at the same shapes
@@ -854,11 +877,13 @@ def _layer_rows(args, patches) -> tuple[list[Row], str | None]:
                 torch.mm(a2, w2), torch.mm(g2, w2.t()), torch.mm(a2.t(), g2)
 
             for grads in args.layer_grads:
-                hooks = [h for layer, _ in variants.values() for h in _ddp_style(layer)] \
+                hooks = [h for layer, *_ in variants.values() for h in _ddp_style(layer)] \
                     if grads == "main_grad" else []
                 cases = {"expert GEMMs as dense torch.mm": dense}
-                for name, (layer, mode) in variants.items():
-                    cases[name] = _layer_step(layer, mode, x, dy, cfg)
+                for name, (layer, mode, layer_cfg) in variants.items():
+                    cases[name] = _layer_step(layer, mode, x, dy, layer_cfg)
+                if grads == "main_grad" and cfg.gemm_fusion and dtype != torch.float32:
+                    cases[FUSED_INPUT_LAYER] = _layer_step(plug, "plugin", x, dy, cfg_input)
                 samples = time_cases(cases, args.repeat, args.warmup, torch.device("cpu"))
                 peaks = {n: peak_bytes(f, torch.device("cpu")) for n, f in cases.items()} if args.memory else {}
                 patches.revert()
@@ -922,12 +947,13 @@ class _Nothing:
 def _layer_targets(rows) -> list[Target]:
     out = []
     for r in rows:
-        if r.suite != "layer" or r.impl != "gmm-plugin":
+        if r.suite != "layer" or r.impl not in ("gmm-plugin", FUSED_INPUT_LAYER):
             continue
         seq = _find(rows, suite="layer", op=r.op, dtype=r.dtype, experts=r.experts, impl="SequentialMLP")
         speedup = seq.time_ms / r.time_ms
         grads = r.op[r.op.index("(") + 1:-1]
-        name = f"MoE layer {r.dtype} E={r.experts} {grads}"
+        how = ", fused_wgrad_dtype input" if r.impl == FUSED_INPUT_LAYER else ""
+        name = f"MoE layer {r.dtype} E={r.experts} {grads}{how}"
         if r.experts <= 8:
             out.append(Target(f"{name}: no slower than SequentialMLP", f"{speedup:.3f}x SequentialMLP speed",
                               speedup >= 1.0))

@@ -25,6 +25,7 @@ _CHOICES = {
     "backend": BACKEND_NAMES,
     "group_list_form": ("counts", "cumsum"),
     "cpu_shim": ("auto", "on", "off"),
+    "fused_wgrad_dtype": ("fp32", "input"),
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -40,6 +41,7 @@ class GmmPluginConfig:
     backend: str = "auto"           # auto | torch | reference | npu
     group_list_form: str = "counts"  # counts (npu_gmm_v2, no cumsum) | cumsum (npu_gmm, parity checks)
     gemm_fusion: bool = True        # accumulate expert wgrad into main_grad when the param has one
+    fused_wgrad_dtype: str = "fp32"  # fp32 | input: GEMM dtype of a fused 16-bit wgrad (torch backend)
     check_group_list: bool = True   # asynchronous device-side group_list assert (host data always checked)
     cpu_shim: str = "auto"          # auto | on | off: Megatron-on-CPU platform shim (patches.cpu_platform)
     source: str | None = None       # where it came from, for messages
@@ -55,9 +57,11 @@ class GmmPluginConfig:
     def apply_runtime(self) -> None:
         """Make the operator library follow this config (process-wide)."""
         from .backends import set_backend
+        from .backends.torch_backend import set_fused_wgrad_dtype
         from .ops.gmm import set_device_group_list_checks
         set_backend(self.backend)
         set_device_group_list_checks(self.check_group_list)
+        set_fused_wgrad_dtype(self.fused_wgrad_dtype)
 
 
 KEYS = tuple(f.name for f in fields(GmmPluginConfig) if f.name != "source")

@@ -52,7 +52,7 @@ class PatchReport:
         if cfg is not None:
             lines.append(f"  config ({cfg.source or 'defaults'}): backend={cfg.backend} "
                          f"group_list_form={cfg.group_list_form} gemm_fusion={cfg.gemm_fusion} "
-                         f"check_group_list={cfg.check_group_list}")
+                         f"check_group_list={cfg.check_group_list} fused_wgrad_dtype={cfg.fused_wgrad_dtype}")
         return "\n".join(lines)
 
 
@@ -178,6 +178,7 @@ def apply(config=None) -> PatchReport:
     from . import cpu_platform
     from . import experts as ex
     from gmm_plugin import backends
+    from gmm_plugin.backends import torch_backend
     from gmm_plugin.ops import gmm as gmm_ops
 
     cfg = _resolve_config(config)
@@ -189,6 +190,7 @@ def apply(config=None) -> PatchReport:
             # Runtime settings are process-wide: remember them so revert() puts them back.
             patches.remember(backends, "_forced")
             patches.remember(gmm_ops, "_device_checks")
+            patches.remember(torch_backend, "_fused_wgrad_dtype")
             if cfg.enabled:
                 experts_path, names, mindspeed = _patch_experts(version, patches)
             else:

@@ -8,6 +8,7 @@ import pytest
 
 import gmm_plugin
 from gmm_plugin import backends
+from gmm_plugin.backends import torch_backend
 from gmm_plugin.config import ENV_VARS, KEYS, ConfigError, GmmPluginConfig, load_config
 from gmm_plugin.ops import gmm as gmm_ops
 
@@ -205,10 +206,23 @@ def test_direct_construction_is_validated():
 
 def test_apply_runtime():
     try:
-        load_config({"backend": "reference", "check_group_list": False}, env={}).apply_runtime()
+        load_config({"backend": "reference", "check_group_list": False, "fused_wgrad_dtype": "input"},
+                    env={}).apply_runtime()
         assert backends._forced == "reference" and gmm_ops._device_checks is False
+        assert torch_backend._fused_wgrad_dtype == "input"
         load_config(env={}).apply_runtime()
         assert backends._forced is None and gmm_ops._device_checks is True
+        assert torch_backend._fused_wgrad_dtype == "fp32"
     finally:
         gmm_plugin.set_backend(None)
         gmm_ops.set_device_group_list_checks(True)
+        gmm_plugin.set_fused_wgrad_dtype("fp32")
+
+
+def test_fused_wgrad_dtype_from_yaml_and_environment(tmp_path):
+    path = write(tmp_path, "fused_wgrad_dtype: INPUT\n")
+    assert load_config(path, env={}).fused_wgrad_dtype == "input"
+    env = {"GMM_PLUGIN_FUSED_WGRAD_DTYPE": "fp32"}
+    assert load_config(path, env=env).fused_wgrad_dtype == "fp32"
+    with pytest.raises(ConfigError, match=r"key 'fused_wgrad_dtype' must be one of fp32, input, got 'bf16'"):
+        load_config({"fused_wgrad_dtype": "bf16"}, env={})

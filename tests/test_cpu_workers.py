@@ -233,14 +233,13 @@ def _child_runs_pool(q):
 
 @pytest.mark.parametrize("use_workers", [False, True])
 def test_fused_bf16_group_larger_than_one_cast_block(use_workers, monkeypatch):
-    """Groups over _CAST_ROWS rows are converted block by block; the sum stays fp32-accurate."""
+    """Groups over _BLOCK_ROWS rows are converted block by block; the sum stays fp32-accurate."""
     from gmm_plugin.backends import torch_backend
     if use_workers:
-        monkeypatch.setattr(cpu_workers, "MIN_FLOPS", 0)
-        monkeypatch.setattr(cpu_workers, "MAX_GROUP_ROWS", float("inf"))
-        monkeypatch.setattr(cpu_workers, "MIN_GROUP_CELLS", 0)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    sizes = [2 * torch_backend._CAST_ROWS + 37, 0, 5]
+        # two workers whatever the shapes and thread count (patching torch.get_num_threads instead
+        # would reach a pool started here, whose workers' thread setup calls it)
+        monkeypatch.setattr(cpu_workers, "usable_workers", lambda *args: 2)
+    sizes = [2 * torch_backend._BLOCK_ROWS + 37, 0, 5]
     m, k, n = sum(sizes), 16, 24
     x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(len(sizes), k, n, dtype=torch.bfloat16, requires_grad=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gmm_plugin
 from gmm_plugin.ops import gmm
 from reference import gmm_reference, tolerance
 
@@ -127,3 +128,59 @@ def test_fusion_errors(backend):
         gmm.npu_gmm_v2(torch.randn(16, 10), torch.randn(10, 8), group_list=gl, group_type=2,
                        gemm_fusion=True, original_weight=p)
     assert torch.equal(p.main_grad, torch.zeros(4, 16, 8))  # nothing touched by a rejected call
+
+
+@pytest.fixture
+def input_dtype_wgrad():
+    gmm_plugin.set_backend("torch")  # the setting belongs to the torch backend
+    gmm_plugin.set_fused_wgrad_dtype("input")
+    yield
+    gmm_plugin.set_fused_wgrad_dtype("fp32")
+    gmm_plugin.set_backend(None)
+
+
+@pytest.mark.parametrize("use_workers", [False, True])
+def test_fused_wgrad_dtype_input_rounds_each_group_once(input_dtype_wgrad, use_workers, monkeypatch):
+    """fused_wgrad_dtype "input": each group's gradient comes out of a bf16 GEMM (rounded once)
+    and is added into main_grad. Output rows past one block (K > _BLOCK_ROWS), an empty group."""
+    from gmm_plugin.backends import cpu_workers, torch_backend
+    if use_workers:
+        # two workers whatever the shapes and thread count (patching torch.get_num_threads instead
+        # would reach a pool started here, whose workers' thread setup calls it)
+        monkeypatch.setattr(cpu_workers, "usable_workers", lambda *args: 2)
+    e, k, n = 3, 2 * torch_backend._BLOCK_ROWS + 37, 24
+    counts = [90, 0, 130]
+    p = megatron_param((e, k, n), torch.bfloat16)
+    truth = torch.zeros(e, k, n, dtype=torch.float64)
+    bf16_bound = fp32_bound = 0.0
+    for _ in range(3):
+        x = torch.randn(sum(counts), k).bfloat16()
+        dy = torch.randn(sum(counts), n).bfloat16()
+        gmm.npu_gmm_v2(x, p, group_list=counts, gemm_fusion=True, original_weight=p).backward(dy)
+        assert p.grad_added_to_main_grad is True
+        p.grad_added_to_main_grad = False
+        step = expected_wgrad(x, dy, counts)
+        truth += step
+        bf16_bound += tolerance(torch.bfloat16, max(counts), step.abs().max().item())
+        fp32_bound += tolerance(torch.float32, max(counts), step.abs().max().item())
+    err = (p.main_grad.double() - truth).abs().max().item()
+    assert err <= bf16_bound
+    assert err > fp32_bound  # the bf16 rounding happened: this is not the fp32 path
+    assert torch.count_nonzero(p.main_grad[1]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_wgrad_dtype_input_keeps_fp32_sums_where_the_gemm_is_fp32(input_dtype_wgrad, dtype):
+    """fp32 weights, and fp16 on a CPU (computed in fp32 throughout): "input" changes nothing."""
+    counts = [7, 0, 20]
+    p = megatron_param((3, 16, 8), dtype)
+    x = torch.randn(27, 16, dtype=dtype)
+    dy = torch.randn(27, 8, dtype=dtype)
+    gmm.npu_gmm_v2(x, p, group_list=counts, gemm_fusion=True, original_weight=p).backward(dy)
+    truth = expected_wgrad(x, dy, counts)
+    assert (p.main_grad.double() - truth).abs().max() <= tolerance(torch.float32, 27, truth.abs().max().item())
+
+
+def test_set_fused_wgrad_dtype_rejects_other_values():
+    with pytest.raises(ValueError, match=r"fused_wgrad_dtype must be one of fp32, input, got 'bf16'"):
+        gmm_plugin.set_fused_wgrad_dtype("bf16")

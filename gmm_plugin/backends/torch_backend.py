@@ -42,20 +42,43 @@ def _host_segments(groups: Groups):
         start = end
 
 
-_CAST_ROWS = 256  # rows of a group converted at a time when out is wider than a and b
+FUSED_WGRAD_DTYPES = ("fp32", "input")
+_fused_wgrad_dtype = "fp32"
+
+
+def set_fused_wgrad_dtype(dtype: str) -> None:
+    """How gemm_fusion computes a bf16/fp16 weight gradient before adding it into the fp32 main_grad.
+
+    'fp32' (default): fp32 products and fp32 sums, as Ascend's GroupedMatmulAdd and Megatron's
+    fused wgrad kernels do. A CPU has no bf16 x bf16 -> fp32 GEMM, so this runs at the fp32 rate.
+    'input': a GEMM in the operands' dtype (it sums in fp32 inside, then rounds each group's
+    gradient once), then the add: the accuracy of Megatron's unfused path, at the 16-bit rate.
+    """
+    global _fused_wgrad_dtype
+    if dtype not in FUSED_WGRAD_DTYPES:
+        raise ValueError(f"fused_wgrad_dtype must be one of {', '.join(FUSED_WGRAD_DTYPES)}, got {dtype!r}.")
+    _fused_wgrad_dtype = dtype
+
+
+_BLOCK_ROWS = 256  # rows converted (fp32) or produced (input) at a time when out is wider than a, b
 
 
 def _accumulate(out, a, b, s, t):
-    """out += a[:, s:t] @ b[s:t] in out's dtype (fp32 main_grad for bf16/fp16 a, b): the products
-    and their sum are fp32. Operands that need converting are converted _CAST_ROWS rows at a
-    time, so the transient stays ~_CAST_ROWS * (P + N) * 4 bytes however large the group is (a
-    whole group could exceed the gradient it is accumulating); measured no slower."""
+    """out += a[:, s:t] @ b[s:t], out wider than a and b (fp32 main_grad) or the same dtype.
+
+    Work that needs a temporary goes _BLOCK_ROWS rows at a time, so the transient stays ~
+    _BLOCK_ROWS * (P + N) elements (fp32) or _BLOCK_ROWS * N (input) however large the group is
+    (a whole group could exceed the gradient it is accumulating); measured no slower."""
     if a.dtype == out.dtype and b.dtype == out.dtype:
         out.addmm_(a[:, s:t], b[s:t])
-        return
-    for lo in range(s, t, _CAST_ROWS):
-        hi = min(lo + _CAST_ROWS, t)
-        out.addmm_(a[:, lo:hi].to(out.dtype), b[lo:hi].to(out.dtype))
+    elif _fused_wgrad_dtype == "input":  # blocks of out's rows, one rounding to a's dtype each
+        for lo in range(0, out.shape[0], _BLOCK_ROWS):
+            hi = min(lo + _BLOCK_ROWS, out.shape[0])
+            out[lo:hi].add_(torch.mm(a[lo:hi, s:t], b[s:t]))
+    else:  # blocks of the summed rows, converted: fp32 products and sums
+        for lo in range(s, t, _BLOCK_ROWS):
+            hi = min(lo + _BLOCK_ROWS, t)
+            out.addmm_(a[:, lo:hi].to(out.dtype), b[lo:hi].to(out.dtype))
 
 
 def _mean_group(groups: Groups, total: int) -> float:

@@ -11,7 +11,7 @@ from gmm_plugin.config import ENV_VARS, KEYS, ConfigError, GmmPluginConfig, load
 from robust_support import count, expect, robust_settings
 
 CHOICES = {"backend": ("auto", "torch", "reference", "npu"), "group_list_form": ("counts", "cumsum"),
-           "cpu_shim": ("auto", "on", "off")}
+           "cpu_shim": ("auto", "on", "off"), "fused_wgrad_dtype": ("fp32", "input")}
 BOOLS = tuple(k for k in KEYS if k not in CHOICES)
 
 

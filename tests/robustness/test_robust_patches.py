@@ -18,6 +18,7 @@ pytestmark = pytest.mark.megatron
 
 import patches  # noqa: E402
 from gmm_plugin import backends  # noqa: E402
+from gmm_plugin.backends import torch_backend  # noqa: E402
 from gmm_plugin.ops import gmm as gmm_ops  # noqa: E402
 from patches import cpu_platform  # noqa: E402
 from patches import experts as ex  # noqa: E402
@@ -56,6 +57,7 @@ config = st.fixed_dictionaries({
     "gemm_fusion": st.booleans(),
     "check_group_list": st.booleans(),
     "cpu_shim": st.sampled_from(["on", "off", "auto"]),
+    "fused_wgrad_dtype": st.sampled_from(["fp32", "input"]),
 })
 ops = st.lists(st.one_of(st.tuples(st.just("apply"), config), st.tuples(st.just("revert"), st.none())),
                min_size=1, max_size=7)
@@ -66,7 +68,7 @@ def pristine():
     """The untouched state, and what the first apply patches with the CPU shim off and on."""
     patches.revert()
     before = snapshot()
-    state = (backends._forced, gmm_ops._device_checks, cpu_platform.is_enabled())
+    state = (backends._forced, gmm_ops._device_checks, torch_backend._fused_wgrad_dtype, cpu_platform.is_enabled())
     expected = {}
     for enabled in (True, False):
         for shim in ("off", "on"):
@@ -82,7 +84,7 @@ def pristine():
 @robust_settings(25)
 @given(sequence=ops)
 def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence):
-    before, (forced, checks, shim), expected = pristine
+    before, (forced, checks, wgrad_dtype, shim), expected = pristine
     count("cases_generated")
     try:
         for op, cfg in sequence:
@@ -91,7 +93,8 @@ def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence)
                 patches.revert()
                 expect(not patches.is_applied(), "still applied after revert")
                 expect(not changed(before, snapshot()), f"revert left {sorted(changed(before, snapshot()))[:5]}")
-                expect((backends._forced, gmm_ops._device_checks, cpu_platform.is_enabled()) == (forced, checks, shim),
+                expect((backends._forced, gmm_ops._device_checks, torch_backend._fused_wgrad_dtype,
+                        cpu_platform.is_enabled()) == (forced, checks, wgrad_dtype, shim),
                        "revert did not restore the runtime settings or the CPU shim")
                 continue
             report = patches.apply(cfg)
@@ -105,7 +108,9 @@ def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence)
             expect(ex.state.config is not None and ex.state.config.backend == cfg["backend"]
                    and ex.state.config.gemm_fusion == cfg["gemm_fusion"], "the experts do not follow the config")
             expect(backends._forced == (None if cfg["backend"] == "auto" else cfg["backend"])
-                   and gmm_ops._device_checks == cfg["check_group_list"], "the runtime does not follow the config")
+                   and gmm_ops._device_checks == cfg["check_group_list"]
+                   and torch_backend._fused_wgrad_dtype == cfg["fused_wgrad_dtype"],
+                   "the runtime does not follow the config")
             if cfg["cpu_shim"] == "on":
                 expect(cpu_platform.is_enabled(), "cpu_shim: on did not enable the shim")
     finally:
