@@ -41,6 +41,13 @@ def test_gmm_suite_in_process(tmp_path, capsys):
     assert fp16["extra"]["max_abs_err"] <= fp16["extra"]["tolerance"]  # correctness, not speed
     names = [t["name"] for t in data["targets"]]
     assert any("fused backward" in n for n in names) and any("fp16" in n for n in names)
+    # fused_wgrad_dtype "input" has its own rows and targets where it changes the GEMM (bf16 on
+    # a CPU), and the bench leaves the process-wide setting at its default
+    fused = {(r["dtype"], r["impl"]) for r in rows if r["op"] == "fused backward"}
+    assert ("bf16", bench.FUSED_INPUT) in fused and ("fp32", bench.FUSED_INPUT) not in fused
+    assert any("bf16" in n and "fused_wgrad_dtype input" in n for n in names)
+    from gmm_plugin.backends import torch_backend
+    assert torch_backend._fused_wgrad_dtype == "fp32"
     assert data["machine"]["cpu_count"] >= 1
     try:
         import matplotlib  # noqa: F401
@@ -72,5 +79,5 @@ def test_command_with_layer_suite(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     impls = {r["impl"] for r in rows if r["suite"] == "layer"}
-    assert {"SequentialMLP", "gmm-plugin", "expert GEMMs as dense torch.mm"} <= impls
+    assert {"SequentialMLP", "gmm-plugin", "expert GEMMs as dense torch.mm", bench.FUSED_INPUT_LAYER} <= impls
     assert "MoE layer" in proc.stdout
