@@ -33,6 +33,14 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype == torch.float16 and t.device.type == "cpu" else t.dtype
 
 
+def _weight_in(dtype: torch.dtype, weight: torch.Tensor, call: Call) -> torch.Tensor:
+    """The weight for the split-M products: a backend that converts it group by group (the
+    torch backend, for fp16 on a CPU) gets it as it is, sparing an fp32 copy of all of it."""
+    if call.group_type == 0 and getattr(call.backend, "converts_weight_per_group", False):
+        return weight
+    return weight.to(dtype)
+
+
 def is_transposed(w: torch.Tensor) -> bool:
     """A .transpose(-1, -2) view of a contiguous [..., N, K] tensor (MindSpeed's _is_transposed)."""
     return w.dim() >= 2 and w.shape[-1] > 1 and w.stride(-2) == 1 and w.stride(-1) == w.shape[-2]
@@ -70,7 +78,7 @@ class GroupedMatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, original_weight, call: Call):
         dtype = compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)
+        xc, wc = x.to(dtype), _weight_in(dtype, weight, call)
         if call.group_type == 0:
             y = call.backend.grouped_mm(xc, wc, call.groups)
         elif call.group_type == 2:
@@ -91,7 +99,7 @@ class GroupedMatmulFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         # contiguous(): a stride-0 grad (from y.sum()) breaks torch._grouped_mm's backward.
         g = grad.to(dtype).contiguous()
-        xc, wc = x.to(dtype), weight.to(dtype)
+        xc, wc = x.to(dtype), _weight_in(dtype, weight, call)
         gx = gw = gb = None
         backend, groups = call.backend, call.groups
         if call.group_type == 0:

@@ -10,6 +10,9 @@ Two grouped products cover forward and backward of every group_type:
   nothing of out's size is allocated: this is gradient-accumulation fusion.
 
 Inputs arrive validated and in a compute dtype the backend supports; empty groups give zeros.
+A backend whose ``converts_weight_per_group`` is true gets grouped_mm's w in its own dtype when
+that is narrower than x's compute dtype (fp16 weights on a CPU, computed in fp32) and converts
+one group at a time, so no fp32 copy of the whole weight is made.
 """
 from __future__ import annotations
 

@@ -109,6 +109,7 @@ def _split_k_pieces(groups: Groups, rows: int, workers: int):
 
 class TorchBackend:
     name = "torch"
+    converts_weight_per_group = True  # grouped_mm takes w narrower than x (fp16 on a CPU)
 
     def supports(self, device: torch.device) -> bool:
         return device.type in ("cpu", "cuda")
@@ -123,14 +124,14 @@ class TorchBackend:
 
             def do(piece):
                 e, s, t = piece
-                torch.mm(x[s:t], w[e], out=y[s:t])
+                torch.mm(x[s:t], w[e].to(x.dtype), out=y[s:t])
             cpu_workers.run(_split_m_pieces(groups, x.shape[0], n), do, n)
             return y
-        if _native_ok(x, w):
+        if w.dtype == x.dtype and _native_ok(x, w):
             return torch._grouped_mm(x, w, groups.safe_offsets())
         y = x.new_empty(x.shape[0], w.shape[-1])
         for e, s, t in _host_segments(groups):
-            torch.mm(x[s:t], w[e], out=y[s:t])
+            torch.mm(x[s:t], w[e].to(x.dtype), out=y[s:t])
         return y
 
     def grouped_mm_k(self, a, b, groups: Groups, out=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gmm_plugin
 from gmm_plugin.backends import get_backend
 from gmm_plugin.function import Call, GroupedMatmulFunction
 from gmm_plugin.group_list import Groups, make_groups
@@ -161,3 +162,39 @@ def test_device_style_group_list_path_matches_host_path(backend, cumsum):
     assert torch.equal(device_groups.row_group_ids(), host_groups.row_group_ids())
     a, b = torch.randn(8, 16), torch.randn(16, 8)
     assert torch.equal(be.grouped_mm_k(a, b, device_groups), be.grouped_mm_k(a, b, host_groups))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fp16_cpu_weight_reaches_the_torch_backend_unconverted(transposed, monkeypatch):
+    """fp16 on a CPU is computed in fp32; the torch backend converts the weight one group at a
+    time (no fp32 copy of all of it) in forward and in backward, and the results still match."""
+    from gmm_plugin.backends.torch_backend import TorchBackend
+    seen = []
+    real = TorchBackend.grouped_mm
+
+    def spy(self, x, w, groups):
+        seen.append((x.dtype, w.dtype))
+        return real(self, x, w, groups)
+    monkeypatch.setattr(TorchBackend, "grouped_mm", spy)
+    if transposed:
+        leaf = torch.randn(4, 8, 16, dtype=torch.float16, requires_grad=True)  # [E, N, K]
+        w = leaf.transpose(-1, -2)
+    else:
+        leaf = w = torch.randn(4, 16, 8, dtype=torch.float16, requires_grad=True)
+    counts = [3, 0, 9, 4]
+    x = torch.randn(16, 16, dtype=torch.float16, requires_grad=True)
+    gmm_plugin.set_backend("torch")
+    try:
+        y = gmm.npu_gmm_v2(x, w, group_list=counts)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    finally:
+        gmm_plugin.set_backend(None)
+    assert seen == [(torch.float32, torch.float16)] * 2  # forward, then grad_x
+    rx = x.detach().double().requires_grad_(True)
+    rw = w.detach().double().requires_grad_(True)
+    ref = gmm_reference(rx, rw, counts)
+    ref.backward(dy.double())
+    want_w = rw.grad.transpose(-1, -2) if transposed else rw.grad  # in the leaf's layout
+    for got, want, k in ((y, ref, 16), (x.grad, rx.grad, 8), (leaf.grad, want_w, 9)):
+        assert (got.double() - want).abs().max() <= tolerance(torch.float16, k, want.abs().max().item())
