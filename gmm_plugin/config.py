@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from .backends import NAMES as BACKEND_NAMES
+from .backends.torch_backend import FUSED_WGRAD_DTYPES
 
 SECTION = "gmm_plugin"
 ENV_PREFIX = "GMM_PLUGIN_"
@@ -25,7 +26,7 @@ _CHOICES = {
     "backend": BACKEND_NAMES,
     "group_list_form": ("counts", "cumsum"),
     "cpu_shim": ("auto", "on", "off"),
-    "fused_wgrad_dtype": ("fp32", "input"),
+    "fused_wgrad_dtype": FUSED_WGRAD_DTYPES,
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

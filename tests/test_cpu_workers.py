@@ -108,18 +108,24 @@ def _k_ref(a, b):
 @pytest.mark.parametrize("shape", ["small", "big"])
 def test_gemm_fusion_accumulates_in_fp32(workers, shape):
     sizes, k, n = (SIZES, K, N) if shape == "small" else BIG
-    m = sum(sizes)
-    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
+    w, wgrad = _fused_bf16(sizes, k, n, main_grad_start=1.0)
+    assert w.grad is None and workers
+    expected = 1.0 + wgrad
+    # fp32 accumulation of exact bf16 products: far tighter than one bf16 rounding (2^-9 relative)
+    assert (w.main_grad.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def _fused_bf16(sizes, k, n, main_grad_start):
+    """A bf16 gemm_fusion forward+backward into an fp32 main_grad filled with main_grad_start;
+    returns the weight and the float64 per-group x^T dy it should have added."""
+    x = torch.randn(sum(sizes), k, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(len(sizes), k, n, dtype=torch.bfloat16, requires_grad=True)
-    w.main_grad = torch.ones(w.shape, dtype=torch.float32)
+    w.main_grad = torch.full(w.shape, main_grad_start, dtype=torch.float32)
     y = gmm_plugin.npu_gmm_v2(x, w, group_list=sizes, gemm_fusion=True, original_weight=w)
     dy = torch.randn_like(y)
     y.backward(dy)
-    assert w.grad is None and workers
-    expected = 1.0 + torch.stack([x[s:s + c].detach().double().t() @ dy[s:s + c].double()
-                                  for s, c in zip(_starts(sizes), sizes)])
-    # fp32 accumulation of exact bf16 products: far tighter than one bf16 rounding (2^-9 relative)
-    assert (w.main_grad.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    return w, torch.stack([x[s:s + c].detach().double().t() @ dy[s:s + c].double()
+                           for s, c in zip(_starts(sizes), sizes)])
 
 
 def _starts(sizes):
@@ -240,14 +246,6 @@ def test_fused_bf16_group_larger_than_one_cast_block(use_workers, monkeypatch):
         # would reach a pool started here, whose workers' thread setup calls it)
         monkeypatch.setattr(cpu_workers, "usable_workers", lambda *args: 2)
     sizes = [2 * torch_backend._BLOCK_ROWS + 37, 0, 5]
-    m, k, n = sum(sizes), 16, 24
-    x = torch.randn(m, k, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(len(sizes), k, n, dtype=torch.bfloat16, requires_grad=True)
-    w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
-    y = gmm_plugin.npu_gmm_v2(x, w, group_list=sizes, gemm_fusion=True, original_weight=w)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    expected = torch.stack([x[s:s + c].detach().double().t() @ dy[s:s + c].double()
-                            for s, c in zip(_starts(sizes), sizes)])
+    w, expected = _fused_bf16(sizes, 16, 24, main_grad_start=0.0)
     assert (w.main_grad.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert torch.count_nonzero(w.main_grad[1]) == 0
