@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .backends.torch_backend import set_fused_wgrad_dtype
+from .settings import set_fused_wgrad_dtype
 from .function import compute_dtype
 from .ops.gmm import npu_gmm_v2
 

@@ -27,8 +27,9 @@ def _info_lines(import_npu: bool = False) -> list[str]:
     import torch
 
     import gmm_plugin
-    from gmm_plugin import backends
+    from gmm_plugin import settings
     from gmm_plugin.backends import npu
+    from gmm_plugin.config import ENV_VARS
 
     lines = [f"gmm-plugin     {gmm_plugin.__version__}",
              f"python         {sys.version.split()[0]}",
@@ -57,9 +58,10 @@ def _info_lines(import_npu: bool = False) -> list[str]:
     lines.append(f"  torch        available on cpu/cuda ({native})")
     lines.append(f"  npu          {npu.status(import_module=import_npu)}")
 
-    forced = backends._forced or os.environ.get(backends.ENV_VAR)
-    if forced and forced != "auto":
-        src = "set_backend" if backends._forced else backends.ENV_VAR
+    forced = settings.current().backend
+    if forced != "auto":
+        env = os.environ.get(ENV_VARS["backend"], "").strip().lower()
+        src = ENV_VARS["backend"] if env == forced else "gmm_plugin.settings"
         lines.append(f"auto picks:    {forced} for every device (forced by {src})")
     else:
         lines.append("auto picks:    npu tensors -> npu, cuda/cpu tensors -> torch, others -> reference")

@@ -1,7 +1,7 @@
 """The plugin's configuration: YAML presets, environment variables and command-line overrides.
 
     cfg = load_config("configs/gmm_npu.yaml")   # or a mapping, or None for the defaults
-    cfg.apply_runtime()                          # backend choice and device-side group_list checks
+    cfg.apply_runtime()                          # the operator settings (gmm_plugin.settings), process-wide
 
 Precedence, lowest first: defaults < YAML (or mapping) < environment (GMM_PLUGIN_*) < overrides
 (the training script's flags). A YAML file is either a bare mapping of the keys below or a bigger
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from .backends import NAMES as BACKEND_NAMES
-from .backends.torch_backend import FUSED_WGRAD_DTYPES
+from .settings import FUSED_WGRAD_DTYPES, Settings
 
 SECTION = "gmm_plugin"
 ENV_PREFIX = "GMM_PLUGIN_"
@@ -42,7 +42,7 @@ class GmmPluginConfig:
     backend: str = "auto"           # auto | torch | reference | npu
     group_list_form: str = "counts"  # counts (npu_gmm_v2, no cumsum) | cumsum (npu_gmm, parity checks)
     gemm_fusion: bool = True        # accumulate expert wgrad into main_grad when the param has one
-    fused_wgrad_dtype: str = "fp32"  # fp32 | input: GEMM dtype of a fused 16-bit wgrad (torch backend)
+    fused_wgrad_dtype: str = "auto"  # auto | fp32 | input: how a fused 16-bit wgrad is computed (settings.py)
     check_group_list: bool = True   # asynchronous device-side group_list assert (host data always checked)
     cpu_shim: str = "auto"          # auto | on | off: Megatron-on-CPU platform shim (patches.cpu_platform)
     source: str | None = None       # where it came from, for messages
@@ -55,14 +55,15 @@ class GmmPluginConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def apply_runtime(self) -> None:
-        """Make the operator library follow this config (process-wide)."""
-        from .backends import set_backend
-        from .backends.torch_backend import set_fused_wgrad_dtype
-        from .ops.gmm import set_device_group_list_checks
-        set_backend(self.backend)
-        set_device_group_list_checks(self.check_group_list)
-        set_fused_wgrad_dtype(self.fused_wgrad_dtype)
+    def settings(self) -> Settings:
+        """The operator library's runtime settings this config asks for."""
+        return Settings(backend=self.backend, check_group_list=self.check_group_list,
+                        fused_wgrad_dtype=self.fused_wgrad_dtype)
+
+    def apply_runtime(self) -> Settings:
+        """Make the operator library follow this config, process-wide; returns the previous settings."""
+        from . import settings
+        return settings.configure(self.settings())
 
 
 KEYS = tuple(f.name for f in fields(GmmPluginConfig) if f.name != "source")
@@ -85,7 +86,7 @@ def load_config(source=None, *, env: Mapping[str, str] | None = None,
         values, prefix = _section(source, origin)
     elif isinstance(source, (str, os.PathLike)):
         origin = os.fspath(source)
-        values, prefix = _section(_read_yaml(origin), origin)
+        values, prefix = _section(read_yaml(origin), origin)
     elif source is not None:
         raise ConfigError(f"config source must be a YAML path, a mapping or None, got {type(source).__name__}.")
     values = {k: _coerce(k, v, origin, prefix) for k, v in values.items()}
@@ -97,14 +98,16 @@ def load_config(source=None, *, env: Mapping[str, str] | None = None,
             values[key] = _from_string(key, raw, f"environment variable {var}")
 
     if overrides:
-        _check_keys(overrides, "overrides")
+        check_known_keys(overrides, KEYS, "overrides")
         for key, value in overrides.items():
             if value is not None:
                 values[key] = _coerce(key, value, "overrides")
     return GmmPluginConfig(**values, source=origin)
 
 
-def _read_yaml(path: str):
+def read_yaml(path: str):
+    """The document in a YAML file (None -> {}), read strictly: a ConfigError naming the file on a
+    missing file, malformed YAML or a key given twice."""
     import yaml
 
     if not os.path.exists(path):
@@ -163,19 +166,20 @@ def _section(data, origin: str) -> tuple[dict[str, Any], str]:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{origin}: key '{SECTION}' must be a mapping of the plugin's keys, "
                               f"got {type(data).__name__}.")
-    _check_keys(data, origin, prefix)
+    nest = f"; a file that configures more than the plugin puts these keys under '{SECTION}:'" \
+        if not prefix else ""
+    check_known_keys(data, KEYS, origin, prefix, note=nest)
     return dict(data), prefix
 
 
-def _check_keys(data: Mapping, origin: str, prefix: str = "") -> None:
+def check_known_keys(data: Mapping, known, origin: str, prefix: str = "", note: str = "") -> None:
+    """ConfigError for the first key of data not in known, with a did-you-mean and the known keys."""
     for key in data:
-        if key not in KEYS:
-            close = difflib.get_close_matches(str(key), KEYS, n=1)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            nest = ("; a file that configures more than the plugin puts these keys under "
-                    f"'{SECTION}:'") if not prefix and origin != "overrides" else ""
             raise ConfigError(f"{origin}: unknown key '{prefix}{key}'{hint}. Known keys: "
-                              f"{', '.join(KEYS)}{nest}.")
+                              f"{', '.join(known)}{note}.")
 
 
 def _coerce(key: str, value, where: str | None, prefix: str = "") -> Any:
@@ -226,4 +230,5 @@ def describe(cfg: GmmPluginConfig) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "GmmPluginConfig", "load_config", "KEYS", "ENV_VARS", "describe"]
+__all__ = ["ConfigError", "GmmPluginConfig", "load_config", "read_yaml", "check_known_keys", "KEYS",
+           "ENV_VARS", "describe"]

@@ -18,14 +18,17 @@ import torch
 from . import fusion
 from .backends.base import Backend
 from .group_list import Groups
+from .layout import is_transposed
 
 
-@dataclass
+@dataclass(frozen=True)
 class Call:
+    """Everything a call decided in its forward, so its backward does the same."""
     group_type: int
     groups: Groups | None
     backend: Backend
     gemm_fusion: bool
+    wgrad_dtype: str  # fused 16-bit weight gradient: "fp32" products or "input" (settings, resolved)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -39,11 +42,6 @@ def _weight_in(dtype: torch.dtype, weight: torch.Tensor, call: Call) -> torch.Te
     if call.group_type == 0 and getattr(call.backend, "converts_weight_per_group", False):
         return weight
     return weight.to(dtype)
-
-
-def is_transposed(w: torch.Tensor) -> bool:
-    """A .transpose(-1, -2) view of a contiguous [..., N, K] tensor (MindSpeed's _is_transposed)."""
-    return w.dim() >= 2 and w.shape[-1] > 1 and w.stride(-2) == 1 and w.stride(-1) == w.shape[-2]
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor, call: Call) -> torch.Tensor:
@@ -107,7 +105,8 @@ class GroupedMatmulFunction(torch.autograd.Function):
                 gx = backend.grouped_mm(g, wc.transpose(-1, -2), groups)
             if call.gemm_fusion:
                 if need_w:
-                    backend.grouped_mm_k(xc.t(), g, groups, out=fusion.main_grad_view(original_weight, weight))
+                    backend.accumulate_k(fusion.main_grad_view(original_weight, weight), xc.t(), g, groups,
+                                         wgrad_dtype=call.wgrad_dtype)
                     gw = fusion.weight_grad_after_fusion(original_weight, weight)
             elif need_w:
                 if is_transposed(weight):

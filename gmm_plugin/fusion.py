@@ -46,11 +46,29 @@ def main_grad_view(original_weight: torch.Tensor, weight: torch.Tensor) -> torch
     return main_grad.view(-1).as_strided(weight.shape, weight.stride(), main_grad.storage_offset() + offset)
 
 
+_dummies: dict[tuple, torch.Tensor] = {}
+
+
 def weight_grad_after_fusion(original_weight: torch.Tensor, weight: torch.Tensor):
-    """The gradient autograd gets for weight once main_grad holds the real one."""
+    """The gradient autograd gets for weight once main_grad holds the real one.
+
+    Under Megatron's DDP (the parameter has `grad_added_to_main_grad`) autograd still wants a
+    gradient so that DDP's hook fires; the hook then sees the flag and drops it. That dummy is one
+    cached buffer per shape, strides, dtype and device, as Transformer Engine does, so a backward
+    allocates nothing weight-sized. It is handed out as a fresh tensor object on the cached
+    storage (detach()): AccumulateGrad adopts such a tensor as .grad without copying it, and DDP's
+    hook sets .grad back to None. Zeros when `zero_out_wgrad` asks for them (DDP then adds it).
+    """
     if not hasattr(original_weight, "grad_added_to_main_grad"):
         return None
     original_weight.grad_added_to_main_grad = True
-    zero = getattr(original_weight, "zero_out_wgrad", False) or getattr(weight, "zero_out_wgrad", False)
-    # Same strides as weight, so autograd's AccumulateGrad keeps it without a copy.
-    return torch.zeros_like(weight) if zero else torch.empty_like(weight)
+    zero = bool(getattr(original_weight, "zero_out_wgrad", False) or getattr(weight, "zero_out_wgrad", False))
+    key = (tuple(weight.shape), weight.stride(), weight.dtype, weight.device, zero)
+    dummy = _dummies.get(key)
+    if dummy is None:
+        # Same strides as weight, so AccumulateGrad keeps it as it is.
+        dummy = _dummies[key] = torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype,
+                                                    device=weight.device)
+    if zero:
+        dummy.zero_()  # whoever held it last may have written into it
+    return dummy.detach()

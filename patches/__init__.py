@@ -59,6 +59,7 @@ class PatchReport:
 _patches = PatchSet()
 _report: PatchReport | None = None
 _shim_ours = False
+_settings_before = None  # the operator settings before the first apply(), put back by revert()
 
 
 def megatron_version() -> tuple[int, int, int]:
@@ -174,12 +175,9 @@ def apply(config=None) -> PatchReport:
     Idempotent: a second call only switches to the new config (the experts read it at call time).
     Raises UnsupportedMegatronVersion (nothing patched) for a megatron-core outside 0.12-0.19.
     """
-    global _report, _shim_ours
+    global _report, _shim_ours, _settings_before
     from . import cpu_platform
     from . import experts as ex
-    from gmm_plugin import backends
-    from gmm_plugin.backends import torch_backend
-    from gmm_plugin.ops import gmm as gmm_ops
 
     cfg = _resolve_config(config)
     if _report is None:
@@ -187,10 +185,6 @@ def apply(config=None) -> PatchReport:
         _check_version(version)
         patches = _patches  # empty here: nothing is applied
         try:
-            # Runtime settings are process-wide: remember them so revert() puts them back.
-            patches.remember(backends, "_forced")
-            patches.remember(gmm_ops, "_device_checks")
-            patches.remember(torch_backend, "_fused_wgrad_dtype")
             if cfg.enabled:
                 experts_path, names, mindspeed = _patch_experts(version, patches)
             else:
@@ -211,7 +205,9 @@ def apply(config=None) -> PatchReport:
         first = False
     try:
         ex.state.config = cfg
-        cfg.apply_runtime()
+        previous = cfg.apply_runtime()
+        if first:  # the operator settings are process-wide: revert() puts these back
+            _settings_before = previous
         if _want_shim(cfg):
             if not cpu_platform.is_enabled():
                 _shim_ours = cpu_platform.enable(force=cfg.cpu_shim == "on")
@@ -233,13 +229,17 @@ def is_applied() -> bool:
 
 def revert() -> None:
     """Undo apply(): every patched attribute, the runtime settings and our CPU shim."""
-    global _report, _shim_ours
+    global _report, _shim_ours, _settings_before
     from . import cpu_platform
     from . import experts as ex
     if _shim_ours:
         cpu_platform.disable()
         _shim_ours = False
     _patches.restore()
+    if _settings_before is not None:
+        from gmm_plugin import settings
+        settings.configure(_settings_before)
+        _settings_before = None
     ex.state.config = None
     _report = None
 

@@ -6,24 +6,34 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import gmm_plugin  # noqa: E402
+from gmm_plugin import settings  # noqa: E402
+from variants import Variant  # noqa: E402
 
-# Backends the whole op suite runs through. "npu" runs on CPU tensors through the test double
-# of torch_npu's grouped-matmul ops (tests/torch_npu_double.py), installed for those tests only.
-OP_BACKENDS = ["torch", "reference"]
-try:
-    import torch_npu_double  # noqa: E402
-except ImportError:  # pragma: no cover
-    torch_npu_double = None
-else:
-    OP_BACKENDS.append("npu")
+# Backends the whole op suite runs through. Test-double modules for hardware this machine lacks
+# add their own variants (their module-level VARIANTS): torch_npu's ops per release, the CANN ABI.
+BACKEND_VARIANTS = [Variant("torch", "torch"), Variant("reference", "reference")]
+for _double in ("torch_npu_double", "cann_double"):
+    try:
+        BACKEND_VARIANTS += __import__(_double).VARIANTS
+    except ImportError:
+        pass
+_BY_ID = {v.id: v for v in BACKEND_VARIANTS}
+OP_BACKENDS = [v.id for v in BACKEND_VARIANTS]
 
 
 @pytest.fixture(params=OP_BACKENDS)
 def backend(request):
-    gmm_plugin.set_backend(request.param)
-    yield request.param
-    gmm_plugin.set_backend(None)
+    """The backend name for the test; the variant's test double is in place while it runs."""
+    variant = _BY_ID[request.param]
+    reason = variant.skip.get(request.node.originalname)
+    if reason:
+        pytest.skip(reason)
+    with variant.enter():
+        previous = settings.configure(backend=variant.backend)
+        try:
+            yield variant.backend
+        finally:
+            settings.configure(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -32,21 +42,10 @@ def _deterministic():
     yield
 
 
-# Tests that cannot run on the NPU kernels by their nature (skipped for backend "npu" only).
-NPU_NOT_APPLICABLE = {
-    "test_gradcheck_float64": "aclnn GroupedMatmul has no float64 (the public API never passes it)",
-}
-
-
 @pytest.fixture(autouse=True)
-def _torch_npu_double_for_npu_backend(request):
-    """Stand the torch_npu test double in while a test runs with backend == "npu"."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "npu":
-        reason = NPU_NOT_APPLICABLE.get(request.node.originalname)
-        if reason:
-            pytest.skip(reason)
-        with torch_npu_double.installed():
-            yield
-    else:
-        yield
+def _settings_unchanged():
+    """Every test leaves the process-wide settings as it found them."""
+    before = settings.configure()
+    yield
+    after = settings.configure(before)
+    assert after == before, f"the test left the settings changed: {after} (was {before})"

@@ -46,8 +46,8 @@ def test_gmm_suite_in_process(tmp_path, capsys):
     fused = {(r["dtype"], r["impl"]) for r in rows if r["op"] == "fused backward"}
     assert ("bf16", bench.FUSED_INPUT) in fused and ("fp32", bench.FUSED_INPUT) not in fused
     assert any("bf16" in n and "fused_wgrad_dtype input" in n for n in names)
-    from gmm_plugin.backends import torch_backend
-    assert torch_backend._fused_wgrad_dtype == "fp32"
+    from gmm_plugin import settings
+    assert settings.current().fused_wgrad_dtype == "auto"
     assert data["machine"]["cpu_count"] >= 1
     try:
         import matplotlib  # noqa: F401

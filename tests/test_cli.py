@@ -19,8 +19,18 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_info(capsys, monkeypatch):
-    monkeypatch.delenv("GMM_PLUGIN_BACKEND", raising=False)
+@pytest.fixture
+def fresh_settings(monkeypatch):
+    """Settings read from the environment again, as in a new process; put back afterwards."""
+    from gmm_plugin import settings
+    before = settings.configure()
+    settings.reset()
+    yield monkeypatch
+    settings.configure(before)
+
+
+def test_info(capsys, fresh_settings):
+    fresh_settings.delenv("GMM_PLUGIN_BACKEND", raising=False)
     had_torch_npu = "torch_npu" in sys.modules
     rc, out, _ = run(capsys, "info")
     assert rc == 0
@@ -31,8 +41,8 @@ def test_info(capsys, monkeypatch):
     assert ("torch_npu" in sys.modules) == had_torch_npu  # info never imports torch_npu by itself
 
 
-def test_info_reports_a_forced_backend(capsys, monkeypatch):
-    monkeypatch.setenv("GMM_PLUGIN_BACKEND", "reference")
+def test_info_reports_a_forced_backend(capsys, fresh_settings):
+    fresh_settings.setenv("GMM_PLUGIN_BACKEND", "reference")
     rc, out, _ = run(capsys, "info")
     assert rc == 0 and "reference for every device (forced by GMM_PLUGIN_BACKEND)" in out
 

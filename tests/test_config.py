@@ -7,10 +7,8 @@ import os
 import pytest
 
 import gmm_plugin
-from gmm_plugin import backends
-from gmm_plugin.backends import torch_backend
+from gmm_plugin import Settings, settings
 from gmm_plugin.config import ENV_VARS, KEYS, ConfigError, GmmPluginConfig, load_config
-from gmm_plugin.ops import gmm as gmm_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ["gmm_default", "gmm_npu", "gmm_gpu", "gmm_cpu"]
@@ -204,19 +202,18 @@ def test_direct_construction_is_validated():
     assert GmmPluginConfig(backend="NPU").backend == "npu"
 
 
-def test_apply_runtime():
+def test_apply_runtime_sets_the_settings_in_one_step_and_returns_the_previous():
+    before = settings.configure()
+    previous = load_config({"backend": "reference", "check_group_list": False, "fused_wgrad_dtype": "input"},
+                           env={}).apply_runtime()
     try:
-        load_config({"backend": "reference", "check_group_list": False, "fused_wgrad_dtype": "input"},
-                    env={}).apply_runtime()
-        assert backends._forced == "reference" and gmm_ops._device_checks is False
-        assert torch_backend._fused_wgrad_dtype == "input"
+        assert previous == before
+        assert settings.current() == Settings(backend="reference", check_group_list=False,
+                                              fused_wgrad_dtype="input")
         load_config(env={}).apply_runtime()
-        assert backends._forced is None and gmm_ops._device_checks is True
-        assert torch_backend._fused_wgrad_dtype == "fp32"
+        assert settings.current() == Settings()  # the defaults: auto, checks on, auto
     finally:
-        gmm_plugin.set_backend(None)
-        gmm_ops.set_device_group_list_checks(True)
-        gmm_plugin.set_fused_wgrad_dtype("fp32")
+        settings.configure(before)
 
 
 def test_fused_wgrad_dtype_from_yaml_and_environment(tmp_path):
@@ -224,5 +221,5 @@ def test_fused_wgrad_dtype_from_yaml_and_environment(tmp_path):
     assert load_config(path, env={}).fused_wgrad_dtype == "input"
     env = {"GMM_PLUGIN_FUSED_WGRAD_DTYPE": "fp32"}
     assert load_config(path, env=env).fused_wgrad_dtype == "fp32"
-    with pytest.raises(ConfigError, match=r"key 'fused_wgrad_dtype' must be one of fp32, input, got 'bf16'"):
+    with pytest.raises(ConfigError, match=r"key 'fused_wgrad_dtype' must be one of auto, fp32, input, got 'bf16'"):
         load_config({"fused_wgrad_dtype": "bf16"}, env={})

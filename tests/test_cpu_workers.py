@@ -35,9 +35,10 @@ def workers(monkeypatch):
         return real(pieces, do, workers)
 
     monkeypatch.setattr(cpu_workers, "run", counting)
-    gmm_plugin.set_backend("torch")
+    # fp32 products for the fused bf16 cases: the tests below check fp32 accumulation
+    previous = gmm_plugin.configure(backend="torch", fused_wgrad_dtype="fp32")
     yield calls
-    gmm_plugin.set_backend(None)
+    gmm_plugin.configure(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -246,6 +247,33 @@ def test_fused_bf16_group_larger_than_one_cast_block(use_workers, monkeypatch):
         # would reach a pool started here, whose workers' thread setup calls it)
         monkeypatch.setattr(cpu_workers, "usable_workers", lambda *args: 2)
     sizes = [2 * torch_backend._BLOCK_ROWS + 37, 0, 5]
-    w, expected = _fused_bf16(sizes, 16, 24, main_grad_start=0.0)
+    with gmm_plugin.settings(fused_wgrad_dtype="fp32"):
+        w, expected = _fused_bf16(sizes, 16, 24, main_grad_start=0.0)
     assert (w.main_grad.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert torch.count_nonzero(w.main_grad[1]) == 0
+
+
+def test_inference_mode_with_the_worker_pool():
+    """The issue's reproduction (x [2048, 1024], w [8, 1024, 1024], counts [256] * 8, 2 threads):
+    under torch.inference_mode() the workers used to fail with "Inplace update to inference tensor
+    outside InferenceMode is not allowed". Natural thresholds: these shapes do use the pool."""
+    from reference import gmm_reference
+    x, w = torch.randn(2048, 1024), torch.randn(8, 1024, 1024)
+    counts = [256] * 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    calls = []
+    real = cpu_workers.run
+    try:
+        cpu_workers.run = lambda pieces, do, n: calls.append(n) or real(pieces, do, n)
+        with gmm_plugin.settings(backend="torch"), torch.inference_mode():
+            y = gmm_plugin.npu_gmm_v2(x, w, group_list=counts)
+        with torch.no_grad():
+            same = gmm_plugin.npu_gmm_v2(x, w, group_list=counts)
+    finally:
+        cpu_workers.run = real
+        torch.set_num_threads(threads)
+    assert calls and calls[0] == 2, "the shapes of the reproduction no longer reach the worker pool"
+    assert y.is_inference() and torch.equal(y, same)
+    ref = gmm_reference(x, w, counts)
+    assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max()

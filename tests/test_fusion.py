@@ -1,10 +1,13 @@
 """gemm_fusion: weight gradients accumulated into original_weight.main_grad (Megatron's protocol)."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 import gmm_plugin
+from gmm_plugin import Settings, settings
 from gmm_plugin.ops import gmm
 from reference import gmm_reference, tolerance
 
@@ -37,6 +40,14 @@ def view_of(p, layout, e, k, n):
     return p.transpose(-1, -2)      # P [E, N, K] passed transposed
 
 
+@pytest.fixture
+def fp32_products(backend):
+    """gemm_fusion with fp32 products (MindSpeed's GroupedMatmulAdd contract), whatever the device."""
+    previous = settings.configure(fused_wgrad_dtype="fp32")
+    yield backend
+    settings.configure(previous)
+
+
 def param_shape(layout, e, k, n):
     return {"megatron_flat": (k, e * n), "stacked": (e, k, n), "transposed": (e, n, k)}[layout]
 
@@ -44,7 +55,7 @@ def param_shape(layout, e, k, n):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("api,form", [("v1", "list"), ("v1", "tensor"), ("v2", "list"), ("v2", "tensor")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fused_main_grad_matches_reference_over_micro_batches(backend, layout, api, form, dtype):
+def test_fused_main_grad_matches_reference_over_micro_batches(fp32_products, layout, api, form, dtype):
     e, k, n, m = 4, 16, 8, 24
     p = megatron_param(param_shape(layout, e, k, n), dtype)
     total = torch.zeros(e, k, n, dtype=torch.float64)
@@ -87,7 +98,7 @@ def test_zero_out_wgrad_gives_a_zero_dummy(backend):
     assert torch.equal(p.grad, torch.zeros_like(p))
 
 
-def test_bf16_fused_fp32_accumulation_is_closer_to_float64_than_bf16_grad_plus_add(backend, capsys):
+def test_bf16_fused_fp32_accumulation_is_closer_to_float64_than_bf16_grad_plus_add(fp32_products, capsys):
     e, k, n, m, steps = 4, 64, 32, 512, 8
     torch.manual_seed(1)
     fused = megatron_param((e, k, n), torch.bfloat16)
@@ -132,11 +143,8 @@ def test_fusion_errors(backend):
 
 @pytest.fixture
 def input_dtype_wgrad():
-    gmm_plugin.set_backend("torch")  # the setting belongs to the torch backend
-    gmm_plugin.set_fused_wgrad_dtype("input")
-    yield
-    gmm_plugin.set_fused_wgrad_dtype("fp32")
-    gmm_plugin.set_backend(None)
+    with gmm_plugin.settings(backend="torch", fused_wgrad_dtype="input"):
+        yield
 
 
 @pytest.mark.parametrize("use_workers", [False, True])
@@ -182,5 +190,73 @@ def test_fused_wgrad_dtype_input_keeps_fp32_sums_where_the_gemm_is_fp32(input_dt
 
 
 def test_set_fused_wgrad_dtype_rejects_other_values():
-    with pytest.raises(ValueError, match=r"fused_wgrad_dtype must be one of fp32, input, got 'bf16'"):
+    with pytest.raises(ValueError, match=r"fused_wgrad_dtype must be one of auto, fp32, input, got 'bf16'"):
         gmm_plugin.set_fused_wgrad_dtype("bf16")
+
+
+def test_auto_fused_wgrad_dtype_resolves_by_device():
+    """auto: fp32 products where the GEMM takes 16-bit operands into fp32 sums (CUDA, Ascend),
+    the operands' dtype on a CPU (no such GEMM: fp32 products would run at the fp32 rate)."""
+    auto = Settings()
+    assert auto.fused_wgrad_dtype == "auto"
+    # torch.device("npu") exists only with torch_npu: only .type is read
+    devices = [types.SimpleNamespace(type=d) for d in ("cpu", "cuda", "npu")]
+    assert [auto.wgrad_dtype_on(d) for d in devices] == ["input", "fp32", "fp32"]
+    for explicit in ("fp32", "input"):
+        assert Settings(fused_wgrad_dtype=explicit).wgrad_dtype_on(torch.device("cpu")) == explicit
+
+
+def test_default_fusion_on_a_cpu_is_the_input_dtype_gemm_with_its_stated_accuracy(backend):
+    """The default (auto) on a CPU computes each bf16 group's gradient with a bf16 GEMM (rounded
+    once) and adds it into the fp32 main_grad: within one bf16 rounding per micro-batch of the
+    float64 truth, and bit for bit what fused_wgrad_dtype input gives."""
+    e, k, n, counts = 3, 40, 24, [50, 0, 70]
+    runs = {}
+    for mode in ("auto", "input"):
+        torch.manual_seed(3)
+        p = megatron_param((e, k, n), torch.bfloat16)
+        truth, bound = torch.zeros(e, k, n, dtype=torch.float64), 0.0
+        with gmm_plugin.settings(fused_wgrad_dtype=mode):
+            for _ in range(2):
+                x, dy = torch.randn(sum(counts), k).bfloat16(), torch.randn(sum(counts), n).bfloat16()
+                gmm.npu_gmm_v2(x, p, group_list=counts, gemm_fusion=True, original_weight=p).backward(dy)
+                step = expected_wgrad(x, dy, counts)
+                truth += step
+                bound += tolerance(torch.bfloat16, max(counts), step.abs().max().item())
+        assert (p.main_grad.double() - truth).abs().max() <= bound
+        runs[mode] = p.main_grad
+    assert torch.equal(runs["auto"], runs["input"])
+
+
+def test_ddp_dummy_gradient_is_one_cached_buffer_adopted_without_a_copy(backend):
+    """Under Megatron's DDP the fused backward hands autograd a dummy weight gradient. It is the
+    same storage every backward (no weight-sized allocation), and AccumulateGrad adopts it as
+    .grad without copying (what DDP's hook then drops)."""
+    p = megatron_param((4, 16, 8), torch.float32)
+    seen = []
+
+    def ddp_like_hook(*_):  # Megatron DDP's post-accumulate hook, reduced to what matters here
+        seen.append(p.grad)  # kept alive: a fresh allocation could not reuse its memory
+        p.grad = None
+    p.register_post_accumulate_grad_hook(ddp_like_hook)
+    for _ in range(3):
+        x = torch.randn(10, 16)
+        gmm.npu_gmm_v2(x, p, group_list=[1, 2, 3, 4], gemm_fusion=True, original_weight=p).sum().backward()
+    ptrs = {g.untyped_storage().data_ptr() for g in seen}
+    assert len(seen) == 3 and len(ptrs) == 1
+    other = megatron_param((4, 16, 8), torch.float32)
+    gmm.npu_gmm_v2(torch.randn(10, 16), other, group_list=[1, 2, 3, 4], gemm_fusion=True,
+                   original_weight=other).sum().backward()
+    assert other.grad.untyped_storage().data_ptr() in ptrs  # one buffer per shape and dtype
+
+
+def test_cached_zero_dummy_is_zero_every_time(backend):
+    p = megatron_param((4, 16, 8), torch.float32)
+    p.zero_out_wgrad = True
+    for _ in range(2):
+        gmm.npu_gmm_v2(torch.randn(10, 16), p, group_list=[1, 2, 3, 4], gemm_fusion=True,
+                       original_weight=p).sum().backward()
+        assert torch.equal(p.grad, torch.zeros_like(p))
+        p.grad.fill_(5.0)  # someone writes into the adopted dummy: the next one is still zero
+        p.grad = None
+

@@ -180,7 +180,7 @@ def test_chunking_every_case(monkeypatch, api, device_style):
         double.calls.clear()
         y = NpuBackend().grouped_mm(x, w, groups)
         gk = NpuBackend().grouped_mm_k(a, b, groups)
-        NpuBackend().grouped_mm_k(a.bfloat16(), b.bfloat16(), groups, out=out)
+        NpuBackend().accumulate_k(out, a.bfloat16(), b.bfloat16(), groups, wgrad_dtype="fp32")
     assert all(len(kw["group_list"]) <= 3 for _, kw in double.calls)
     assert close(y, gmm_reference(x, w, counts), torch.float32, 5)
     assert close(gk, gmm_reference(a, b, counts, group_type=2), torch.float32, total)
@@ -269,7 +269,7 @@ def test_bad_device_group_list_never_reaches_the_kernel(monkeypatch, values, cum
         y = NpuBackend().grouped_mm(x, w, groups)
         gk = NpuBackend().grouped_mm_k(a, b, groups)
         out = torch.zeros(3, 3, 5)
-        NpuBackend().grouped_mm_k(a.bfloat16(), b.bfloat16(), groups, out=out)
+        NpuBackend().accumulate_k(out, a.bfloat16(), b.bfloat16(), groups, wgrad_dtype="fp32")
     # Documented sanitising: counts are clamped to [0, total], a shortfall goes to the last group,
     # an overrun sends every row to the last group; cumsum offsets are clamped, made non-decreasing
     # and end at total (Groups.safe_offsets, as in the torch backend).

@@ -259,3 +259,10 @@ def without_add_op() -> types.ModuleType:
     module.__gmm_plugin_test_double__ = True
     module.npu_grouped_matmul = npu_grouped_matmul
     return module
+
+
+from variants import Variant  # noqa: E402
+
+# The op suite's variant for this double (tests/conftest.py).
+VARIANTS = [Variant("npu", "npu", enter=installed,
+                    skip={"test_gradcheck_float64": "aclnn GroupedMatmul has no float64 (the public API never passes it)"})]

@@ -123,12 +123,16 @@ def run(pieces, do, workers: int) -> None:
             do(piece)
         return
     order = itertools.count()  # next() on it is atomic under the GIL
+    # Inference mode is thread-local: a worker writing into the caller's inference tensors must be
+    # in it too (outside it, in-place updates of inference tensors are refused).
+    inference = torch.is_inference_mode_enabled()
 
     def worker():
-        for i in iter(lambda: next(order), None):
-            if i >= len(pieces):
-                return
-            do(pieces[i])
+        with torch.inference_mode(inference):
+            for i in iter(lambda: next(order), None):
+                if i >= len(pieces):
+                    return
+                do(pieces[i])
 
     try:
         pool.run([worker] * workers)

@@ -1,20 +1,9 @@
-"""The ground truth: a plain per-group loop of torch.mm. Slow for many groups, obviously right."""
+"""The ground truth: a plain per-group torch.mm loop. Slow for many groups, obviously right."""
 from __future__ import annotations
 
 import torch
 
 from ..group_list import Groups
-
-
-def _segments(groups: Groups):
-    """(group, start, end) for every group; needs the sizes on the host."""
-    offsets = groups.host_offsets()
-    if offsets is None:  # device group_list: one host copy, acceptable for the reference only
-        offsets = tuple(groups.safe_offsets(torch.int64).tolist())
-    start = 0
-    for e, end in enumerate(offsets):
-        yield e, start, end
-        start = end
 
 
 class ReferenceBackend:
@@ -25,15 +14,22 @@ class ReferenceBackend:
 
     def grouped_mm(self, x, w, groups: Groups):
         y = x.new_zeros(x.shape[0], w.shape[-1])
-        for e, s, t in _segments(groups):
+        for e, s, t in groups.segments():
             if t > s:
                 y[s:t] = torch.mm(x[s:t], w[e])
         return y
 
-    def grouped_mm_k(self, a, b, groups: Groups, out=None):
-        result = a.new_zeros(groups.num_groups, a.shape[0], b.shape[1]) if out is None else out
-        for e, s, t in _segments(groups):
+    def grouped_mm_k(self, a, b, groups: Groups):
+        out = a.new_zeros(groups.num_groups, a.shape[0], b.shape[1])
+        for e, s, t in groups.segments():
             if t > s:
-                prod = torch.mm(a[:, s:t].to(result.dtype), b[s:t].to(result.dtype))
-                result[e].add_(prod)
-        return result
+                out[e] = torch.mm(a[:, s:t], b[s:t])
+        return out
+
+    def accumulate_k(self, out, a, b, groups: Groups, *, wgrad_dtype: str):
+        for e, s, t in groups.segments():
+            if t > s:
+                if wgrad_dtype == "input":  # the product in a's dtype (one rounding), then the add
+                    out[e].add_(torch.mm(a[:, s:t], b[s:t]))
+                else:
+                    out[e].add_(torch.mm(a[:, s:t].to(out.dtype), b[s:t].to(out.dtype)))

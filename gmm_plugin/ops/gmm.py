@@ -9,25 +9,12 @@ splits K (x [K', M], weight [M, N] -> y [E, K', N]), group_type -1 is a plain ma
 """
 from __future__ import annotations
 
-import torch
-
-from .. import checks
+from .. import checks, settings
 from ..backends import select_backend
 from ..function import Call, GroupedMatmulFunction
 from ..group_list import make_groups
 
-__all__ = ["npu_gmm", "npu_gmm_v2", "set_device_group_list_checks"]
-
-_device_checks = True
-
-
-def set_device_group_list_checks(enabled: bool) -> None:
-    """Turn the asynchronous device-side group_list assert on or off (host data is always checked).
-
-    Off, a bad device group_list can give wrong numbers but still never an out-of-bounds access.
-    """
-    global _device_checks
-    _device_checks = bool(enabled)
+__all__ = ["npu_gmm", "npu_gmm_v2"]
 
 
 def npu_gmm(x, weight, *, bias=None, group_list=None, group_type=0, gemm_fusion=False, original_weight=None):
@@ -56,10 +43,12 @@ def _grouped_matmul(x, weight, bias, group_list, group_type, gemm_fusion, origin
             raise ValueError(f"gemm_fusion is supported for group_type 0 only, got group_type {group_type}.")
         from ..fusion import main_grad_view
         main_grad_view(original_weight, weight)  # fail now, not in backward
+    now = settings.current()  # captured: the backward of this call uses the same
     groups = None
     if group_type != -1:
         total, axis = (x.shape[0], "x.shape[0] (M)") if group_type == 0 else (x.shape[1], "x.shape[1] (the split K axis)")
         groups = make_groups(group_list, cumsum=cumsum, total=total, device=x.device, axis=axis,
-                             check_device=_device_checks)
-    call = Call(group_type, groups, select_backend(x.device), bool(gemm_fusion))
+                             check_device=now.check_group_list)
+    call = Call(group_type, groups, select_backend(x.device, now.backend), gemm_fusion,
+                now.wgrad_dtype_on(x.device))
     return GroupedMatmulFunction.apply(x, weight, bias, original_weight, call)

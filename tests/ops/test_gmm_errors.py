@@ -90,11 +90,17 @@ def test_errors_leave_inputs_untouched():
 
 def test_backend_env_var_and_bad_names(monkeypatch):
     x, w = xw()
-    monkeypatch.setenv("GMM_PLUGIN_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="GMM_PLUGIN_BACKEND must be one of"):
-        gmm.npu_gmm(x, w, group_list=[4, 8])
-    monkeypatch.setenv("GMM_PLUGIN_BACKEND", "reference")
-    from gmm_plugin.backends import select_backend
-    assert select_backend(x.device).name == "reference"
+    from gmm_plugin import settings
+    before = settings.configure()
+    try:
+        monkeypatch.setenv("GMM_PLUGIN_BACKEND", "nonsense")
+        settings.reset()  # the environment is read on first use after a reset
+        with pytest.raises(ValueError, match="environment variable GMM_PLUGIN_BACKEND: key 'backend' must be one of"):
+            gmm.npu_gmm(x, w, group_list=[4, 8])
+        monkeypatch.setenv("GMM_PLUGIN_BACKEND", "reference")
+        settings.reset()
+        assert settings.current().backend == "reference"
+    finally:
+        settings.configure(before)
     with pytest.raises(ValueError, match="backend must be one of"):
         gmm_plugin.set_backend("cutlass")

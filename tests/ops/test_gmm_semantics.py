@@ -30,7 +30,7 @@ def test_gradcheck_float64(backend, group_type):
         w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
         bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
     groups = None if group_type == -1 else make_groups(counts, cumsum=False, total=9, device=x.device, axis="M")
-    call = Call(group_type, groups, get_backend(backend), False)
+    call = Call(group_type, groups, get_backend(backend), False, "fp32")
     assert torch.autograd.gradcheck(lambda a, b, c: GroupedMatmulFunction.apply(a, b, c, None, call), (x, w, bias))
 
 

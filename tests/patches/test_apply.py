@@ -21,9 +21,8 @@ from megatron.core.transformer.moe import moe_layer, moe_utils  # noqa: E402
 
 import mcore_helpers as h  # noqa: E402
 import patches  # noqa: E402
-from gmm_plugin import backends  # noqa: E402
+from gmm_plugin import settings  # noqa: E402
 from gmm_plugin.config import ConfigError  # noqa: E402
-from gmm_plugin.ops import gmm as gmm_ops  # noqa: E402
 from patches import cpu_platform  # noqa: E402
 from patches import experts as ex  # noqa: E402
 from patches import megatron_adaptor  # noqa: E402  (no plugin flags in pytest's argv: nothing applied)
@@ -34,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _targets():
-    owners = [(backends, "_forced"), (gmm_ops, "_device_checks"), (moe_layer.MoELayer, "__init__"),
+    owners = [(settings, "_process"), (moe_layer.MoELayer, "__init__"),
               (moe_utils, "te_general_gemm"), (mexperts, "GroupedMLP"), (mexperts, "SequentialMLP")]
     if LEGACY:
         from megatron.core.transformer.moe import grouped_gemm_util as gg
@@ -59,7 +58,7 @@ def clean():
 
 
 def test_apply_reports_and_revert_restores_everything(clean):
-    backends.set_backend("reference")
+    before_settings = settings.configure(backend="reference")
     try:
         before = snapshot()
         report = patches.apply({"backend": "torch", "cpu_shim": "on"})
@@ -67,16 +66,16 @@ def test_apply_reports_and_revert_restores_everything(clean):
         assert report.experts == ("legacy GroupedMLP" if LEGACY else "GmmGroupedMLP")
         assert report.patched and report.megatron_version == ".".join(map(str, h.version()))
         assert report.cpu_shim and cpu_platform.is_enabled()
-        assert backends._forced == "torch"
+        assert settings.current().backend == "torch"
         assert snapshot() != before
         assert "experts:" in str(report)
         patches.revert()
         assert not patches.is_applied()
         assert snapshot() == before  # identical objects, backend 'reference' again
-        assert backends._forced == "reference"
+        assert settings.current().backend == "reference"
         assert not cpu_platform.is_enabled()
     finally:
-        backends.set_backend(None)
+        settings.configure(before_settings)
 
 
 def test_apply_twice_is_idempotent():
@@ -96,13 +95,13 @@ def test_disabled_config_patches_no_experts_then_enabling_does(clean):
     assert report.experts.startswith("not patched") and not report.patched
     untouched = snapshot()
     assert all(untouched[(id(o), n)] is clean[(id(o), n)] for o, n in _targets()
-               if o is not backends and o is not gmm_ops)
+               if o is not settings)
     report = patches.apply({"enabled": True})
     assert report.patched
     report = patches.apply({"enabled": False, "cpu_shim": "off"})  # and off again: experts restored
     assert not report.patched
     assert all(snapshot()[(id(o), n)] is clean[(id(o), n)] for o, n in _targets()
-               if o is not backends and o is not gmm_ops)
+               if o is not settings)
 
 
 def test_failure_after_patching_reverts_the_first_apply(monkeypatch, clean):
@@ -156,7 +155,7 @@ def test_mindspeed_patched_experts_are_left_alone(monkeypatch, clean):
     assert report.experts == "left to MindSpeed" and not report.patched
     assert "mindspeed.core.transformer.moe.experts" in report.mindspeed and "MindSpeed" in str(report)
     for (o, n) in _targets():
-        if o is not backends and o is not gmm_ops:
+        if o is not settings:
             assert vars(o).get(n, MISSING) is before[(id(o), n)]
     patches.revert()
 

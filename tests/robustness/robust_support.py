@@ -112,14 +112,14 @@ def cpu_backends() -> list[str]:
 @contextlib.contextmanager
 def using_backend(name: str):
     """Force backend `name` for the block (with the torch_npu double standing in for npu)."""
-    import gmm_plugin
+    from gmm_plugin import settings
     from gmm_plugin.backends import get_backend
     with torch_npu_double.installed() if name == "npu" else contextlib.nullcontext():
-        gmm_plugin.set_backend(name)
+        previous = settings.configure(backend=name)
         try:
             yield get_backend(name)
         finally:
-            gmm_plugin.set_backend(None)
+            settings.configure(previous)
 
 
 # ---- layouts -------------------------------------------------------------------------------------

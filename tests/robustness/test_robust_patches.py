@@ -17,9 +17,7 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
 import patches  # noqa: E402
-from gmm_plugin import backends  # noqa: E402
-from gmm_plugin.backends import torch_backend  # noqa: E402
-from gmm_plugin.ops import gmm as gmm_ops  # noqa: E402
+from gmm_plugin import Settings, settings  # noqa: E402
 from patches import cpu_platform  # noqa: E402
 from patches import experts as ex  # noqa: E402
 
@@ -57,7 +55,7 @@ config = st.fixed_dictionaries({
     "gemm_fusion": st.booleans(),
     "check_group_list": st.booleans(),
     "cpu_shim": st.sampled_from(["on", "off", "auto"]),
-    "fused_wgrad_dtype": st.sampled_from(["fp32", "input"]),
+    "fused_wgrad_dtype": st.sampled_from(["auto", "fp32", "input"]),
 })
 ops = st.lists(st.one_of(st.tuples(st.just("apply"), config), st.tuples(st.just("revert"), st.none())),
                min_size=1, max_size=7)
@@ -68,7 +66,7 @@ def pristine():
     """The untouched state, and what the first apply patches with the CPU shim off and on."""
     patches.revert()
     before = snapshot()
-    state = (backends._forced, gmm_ops._device_checks, torch_backend._fused_wgrad_dtype, cpu_platform.is_enabled())
+    state = (settings.configure(), cpu_platform.is_enabled())
     expected = {}
     for enabled in (True, False):
         for shim in ("off", "on"):
@@ -84,7 +82,7 @@ def pristine():
 @robust_settings(25)
 @given(sequence=ops)
 def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence):
-    before, (forced, checks, wgrad_dtype, shim), expected = pristine
+    before, (runtime, shim), expected = pristine
     count("cases_generated")
     try:
         for op, cfg in sequence:
@@ -93,8 +91,7 @@ def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence)
                 patches.revert()
                 expect(not patches.is_applied(), "still applied after revert")
                 expect(not changed(before, snapshot()), f"revert left {sorted(changed(before, snapshot()))[:5]}")
-                expect((backends._forced, gmm_ops._device_checks, torch_backend._fused_wgrad_dtype,
-                        cpu_platform.is_enabled()) == (forced, checks, wgrad_dtype, shim),
+                expect((settings.configure(), cpu_platform.is_enabled()) == (runtime, shim),
                        "revert did not restore the runtime settings or the CPU shim")
                 continue
             report = patches.apply(cfg)
@@ -107,9 +104,7 @@ def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence)
             expect(not hasattr(init, "__wrapped__"), "MoELayer.__init__ wrapped twice")
             expect(ex.state.config is not None and ex.state.config.backend == cfg["backend"]
                    and ex.state.config.gemm_fusion == cfg["gemm_fusion"], "the experts do not follow the config")
-            expect(backends._forced == (None if cfg["backend"] == "auto" else cfg["backend"])
-                   and gmm_ops._device_checks == cfg["check_group_list"]
-                   and torch_backend._fused_wgrad_dtype == cfg["fused_wgrad_dtype"],
+            expect(settings.current() == Settings(cfg["backend"], cfg["check_group_list"], cfg["fused_wgrad_dtype"]),
                    "the runtime does not follow the config")
             if cfg["cpu_shim"] == "on":
                 expect(cpu_platform.is_enabled(), "cpu_shim: on did not enable the shim")

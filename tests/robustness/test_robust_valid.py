@@ -98,11 +98,8 @@ def _split_m_case(data):
 
     if fusion and not x.is_leaf:
         x.retain_grad()
-    gmm_plugin.set_fused_wgrad_dtype(wgrad_dtype)
-    try:
+    with gmm_plugin.settings(fused_wgrad_dtype=wgrad_dtype):
         _split_m_checks(data, x, w, bias, counts, gen, fusion, original, main_grad0, make, dtype, wgrad_dtype, k)
-    finally:
-        gmm_plugin.set_fused_wgrad_dtype("fp32")
 
 
 def _split_m_checks(data, x, w, bias, counts, gen, fusion, original, main_grad0, make, dtype, wgrad_dtype, k):
