@@ -10,8 +10,8 @@ from hypothesis import given, strategies as st
 from gmm_plugin.config import ENV_VARS, KEYS, ConfigError, GmmPluginConfig, load_config
 from robust_support import count, expect, robust_settings
 
-CHOICES = {"backend": ("auto", "torch", "reference", "npu"), "group_list_form": ("counts", "cumsum"),
-           "cpu_shim": ("auto", "on", "off"), "fused_wgrad_dtype": ("fp32", "input")}
+CHOICES = {"backend": ("auto", "torch", "reference", "npu", "aclnn"), "group_list_form": ("counts", "cumsum"),
+           "cpu_shim": ("auto", "on", "off"), "fused_wgrad_dtype": ("auto", "fp32", "input")}
 BOOLS = tuple(k for k in KEYS if k not in CHOICES)
 
 

@@ -197,7 +197,7 @@ def _device_groups_case(impl, backend, values, total, cumsum, counts, gen):
     xg = x.detach().clone().requires_grad_(True)
     w = torch.randn(e, k, n, generator=gen, requires_grad=True)
     bias = torch.randn(e, n, generator=gen, requires_grad=True)
-    call = Call(0, device_groups(values, total, cumsum), impl, False)
+    call = Call(0, device_groups(values, total, cumsum), impl, False, "fp32")
     y = GroupedMatmulFunction.apply(xg, w, bias, None, call)
     expect(within(y, *reference_forward(x, w, counts, 0, bias), dtype, k), f"{backend} split-M forward")
     y_canary = GroupedMatmulFunction.apply(x, w.detach(), None, None, call)  # reads the canaried view
