@@ -13,6 +13,7 @@ below); otherwise the caller runs the usual multi-threaded path.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -124,11 +125,12 @@ def run(pieces, do, workers: int) -> None:
         return
     order = itertools.count()  # next() on it is atomic under the GIL
     # Inference mode is thread-local: a worker writing into the caller's inference tensors must be
-    # in it too (outside it, in-place updates of inference tensors are refused).
+    # in it too (outside it, in-place updates of inference tensors are refused). Only then:
+    # inference_mode(False) would turn the worker's grad mode back on.
     inference = torch.is_inference_mode_enabled()
 
     def worker():
-        with torch.inference_mode(inference):
+        with torch.inference_mode() if inference else contextlib.nullcontext():
             for i in iter(lambda: next(order), None):
                 if i >= len(pieces):
                     return
