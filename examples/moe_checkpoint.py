@@ -36,28 +36,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def rename_into_place(tmp: str, path: str) -> None:
+    """The moment a written, fsync'ed file becomes `path` (the tests kill the process just before)."""
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    rename_into_place(tmp, path)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj, path: str, before_rename=None) -> None:
-    """torch.save to `path` atomically. before_rename() runs between the write and the rename
-    (a test hook: it lets a test kill the process with the data written but not yet in place)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+def atomic_torch_save(obj, path: str) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def step_dir_name(step: int) -> str:
@@ -83,14 +82,14 @@ def latest_step(ckpt_dir: str) -> int | None:
 
 
 def save(ckpt_dir: str, step: int, rank: int, state: dict, *, barrier, keep: int = 2,
-         before_rename=None, meta: dict | None = None) -> None:
+         meta: dict | None = None) -> None:
     """Every rank calls this; barrier() must synchronize all ranks (a no-op for one process).
 
     meta (rank 0's): a small JSON description (the run's config), readable without torch.
     """
     path = rank_file(ckpt_dir, step, rank)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_torch_save(state, path, before_rename=before_rename)
+    atomic_torch_save(state, path)
     barrier()  # every rank's file is in place before `latest` moves
     if rank == 0:
         if meta is not None:

@@ -7,6 +7,8 @@ dataset prefix (PREFIX.bin + PREFIX.idx, token ids below 257). Tokens are bytes 
 end-of-document token. The dataset is written once with Megatron's IndexedDatasetBuilder into a
 cache folder (atomically: a partly written cache is never used) and read back through Megatron's
 GPTDataset / BlendedMegatronDatasetBuilder, which do the shuffling and the sample packing.
+Batches maps (step, micro-batch, data-parallel rank) to samples, the same whatever the number of
+processes.
 """
 from __future__ import annotations
 
@@ -204,3 +206,37 @@ def build_gpt_dataset(prefix: str, *, seq_length: int, num_samples: int, seed: i
     if train is None or len(train) < num_samples:
         raise DataError(f"data {prefix!r}: could not draw {num_samples} samples of {seq_length} tokens")
     return train
+
+
+def build_dataset(source: str, cache_dir: str, *, data_cfg: dict, seq_length: int, num_samples: int, seed: int,
+                  is_main: bool, barrier) -> tuple[str, object]:
+    """(indexed-dataset prefix, GPTDataset). Rank 0 tokenizes (once, cached); the other ranks
+    wait at barrier() and then find the cache built."""
+    def indexed():
+        return build_indexed_dataset(source, cache_dir, max_bytes=data_cfg["max_bytes"], json_key=data_cfg["json_key"])
+
+    prefix = indexed() if is_main else None
+    barrier()
+    if not is_main:
+        prefix = indexed()
+    return prefix, build_gpt_dataset(prefix, seq_length=seq_length, num_samples=num_samples, seed=seed)
+
+
+class Batches:
+    """Global step s, micro-batch j, data-parallel rank r -> the same samples whatever the
+    number of processes: sample ids s*G + j*(b*D) + r*b + [0, b) (G global, b micro batch, D dp)."""
+
+    def __init__(self, dataset, train_cfg: dict, dp_rank: int, dp_size: int, device: str):
+        self.dataset, self.device = dataset, device
+        self.gbs, self.mbs = train_cfg["global_batch_size"], train_cfg["micro_batch_size"]
+        self.dp_rank, self.dp = dp_rank, dp_size
+        self.num_micro = self.gbs // (self.mbs * dp_size)
+
+    def get(self, step: int, micro: int) -> dict:
+        import torch
+
+        start = step * self.gbs + micro * self.mbs * self.dp + self.dp_rank * self.mbs
+        items = [self.dataset[start + k] for k in range(self.mbs)]
+        batch = {key: torch.stack([it[key] for it in items])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

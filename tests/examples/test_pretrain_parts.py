@@ -1,11 +1,14 @@
-"""Fast tests of the example's parts: presets and flags, the data pipeline, the checkpoint files."""
+"""Fast tests of the example's parts: presets and flags, the data pipeline, the checkpoint files,
+the routing record."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import types
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -25,6 +28,13 @@ def pretrain():
     return pretrain_moe
 
 
+@pytest.fixture
+def config():
+    pytest.importorskip("yaml")
+    import moe_config
+    return moe_config
+
+
 def _error(pretrain, capsys, *argv) -> str:
     with pytest.raises(SystemExit) as e:
         pretrain.main(list(argv))
@@ -32,10 +42,13 @@ def _error(pretrain, capsys, *argv) -> str:
     return capsys.readouterr().err
 
 
+def _resolve(config, *argv, world_size=1):
+    return config.resolve_config(config.build_parser().parse_args(list(argv)), world_size=world_size)
+
+
 @pytest.mark.parametrize("preset", [CI_PRESET, MAIN_PRESET])
-def test_presets_resolve(pretrain, preset):
-    args = pretrain.build_parser().parse_args(["--config", preset])
-    cfg, raw = pretrain.resolve_config(args, world_size=1)
+def test_presets_resolve(config, preset):
+    cfg, raw = _resolve(config, "--config", preset)
     m = cfg["model"]
     assert (m["num_experts"], m["moe_router_topk"], m["moe_grouped_gemm"], m["dtype"]) == (8, 2, True, "fp32")
     assert "gmm_plugin" in raw  # the plugin's settings for --use-gmm-plugin
@@ -43,11 +56,9 @@ def test_presets_resolve(pretrain, preset):
     gmm_plugin.load_config(preset, env={})  # and they are valid for the plugin
 
 
-def test_flags_override_preset(pretrain):
-    args = pretrain.build_parser().parse_args(
-        ["--config", CI_PRESET, "--steps", "7", "--set", "train.lr=0.001", "--set", "model.swiglu=false",
-         "--expert-parallel-size", "2"])
-    cfg, _ = pretrain.resolve_config(args, world_size=2)
+def test_flags_override_preset(config):
+    cfg, _ = _resolve(config, "--config", CI_PRESET, "--steps", "7", "--set", "train.lr=0.001",
+                      "--set", "model.swiglu=false", "--expert-parallel-size", "2", world_size=2)
     assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == 0.001 and cfg["model"]["swiglu"] is False
     assert cfg["train"]["expert_parallel_size"] == 2
 
@@ -65,6 +76,7 @@ def _preset(tmp_path, text: str) -> str:
     ("model:\n  dtype: fp8\n", "'model.dtype' must be one of fp32, bf16, fp16, got 'fp8'"),
     ("train:\n  steps: 0\n", "'train.steps' must be positive"),
     ("model:\n  hidden_size: [1\n", "malformed YAML (line"),
+    ("model:\n  hidden_size: 64\n  hidden_size: 32\n", "duplicate key 'hidden_size'"),
     ("- 1\n- 2\n", "expected a mapping of sections"),
     ("model:\n  hidden_size: 30\n  num_attention_heads: 4\n", "'model.hidden_size' (30) must be divisible"),
     ("train:\n  global_batch_size: 6\n  micro_batch_size: 4\n", "'train.global_batch_size' (6) must be a multiple"),
@@ -92,20 +104,19 @@ def test_bad_data_path_is_a_clear_error(pretrain, capsys, tmp_path):
     assert "is a directory" in err
 
 
-def test_resume_refuses_a_different_run_before_starting(pretrain, capsys, tmp_path):
-    args = pretrain.build_parser().parse_args(["--config", CI_PRESET, "--out-dir", str(tmp_path)])
-    cfg, _ = pretrain.resolve_config(args, world_size=1)
+def test_resume_refuses_a_different_run_before_starting(pretrain, config, capsys, tmp_path):
+    cfg, _ = _resolve(config, "--config", CI_PRESET, "--out-dir", str(tmp_path))
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step_000010").mkdir(parents=True)
     (ckpt / "step_000010" / "meta.json").write_text(json.dumps({"step": 10, "config": cfg, "world_size": 1}))
     (ckpt / "latest").write_text("step_000010\n")
-    assert pretrain.check_resume(cfg, str(ckpt), 1) == 10
+    assert config.check_resume(cfg, str(ckpt), 1) == 10
     err = _error(pretrain, capsys, "--config", CI_PRESET, "--out-dir", str(tmp_path), "--resume", "--seed", "7",
                  "--set", "model.hidden_size=64")
     assert "belongs to a different run" in err
     assert "train.seed: checkpoint 1234, now 7" in err and "model.hidden_size: checkpoint 32, now 64" in err
-    with pytest.raises(pretrain.ConfigError, match="processes: checkpoint 1, now 2"):
-        pretrain.check_resume(cfg, str(ckpt), 2)
+    with pytest.raises(config.ConfigError, match="processes: checkpoint 1, now 2"):
+        config.check_resume(cfg, str(ckpt), 2)
 
 
 # ---------------------------------------------------------------- data
@@ -196,17 +207,20 @@ def test_checkpoints_latest_and_pruning(tmp_path):
     assert moe_checkpoint.load(str(tmp_path), 30, 0) == {"step": 30}
 
 
-def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path):
+def test_a_write_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 10)
 
     class Killed(Exception):
         pass
 
-    def die():
+    def die(tmp, path):  # where pretrain_faults.py's in-save SIGKILL lands
+        assert os.path.isfile(tmp) and not os.path.exists(path)
         raise Killed
 
+    monkeypatch.setattr(moe_checkpoint, "rename_into_place", die)
     with pytest.raises(Killed):
-        _save(tmp_path, 20, before_rename=die)
+        _save(tmp_path, 20)
+    monkeypatch.undo()
     assert moe_checkpoint.latest_step(str(tmp_path)) == 10
     leftovers = os.listdir(tmp_path / "step_000020")
     assert leftovers and all(".tmp" in n for n in leftovers)  # written, never renamed
@@ -226,6 +240,56 @@ def test_latest_naming_garbage_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("step_000099\n")
     with pytest.raises(RuntimeError, match="not a checkpoint"):
         moe_checkpoint.latest_step(str(tmp_path))
+
+
+# ---------------------------------------------------------------- routing record
+
+class _Router(torch.nn.Module):
+    """Stands in for Megatron's TopKRouter: gating(x) -> logits, forward -> (probs, routing_map)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.config = types.SimpleNamespace(moe_router_topk=k)
+
+    def gating(self, x):
+        return x * 1.0  # the tokens' "hidden states" are their logits
+
+    def forward(self, x):
+        logits = self.gating(x)
+        top = logits.topk(self.config.moe_router_topk, dim=1)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top.indices, True)
+        return torch.zeros_like(logits).scatter(1, top.indices, top.values.softmax(-1)), routing_map
+
+
+def test_routing_record_digest_and_closest_call():
+    import moe_metrics
+    layers = [_Router(k=2), _Router(k=2)]
+    record = moe_metrics.RoutingRecord(layers)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 0.5, 0.49, 0.0], [0.0, 1.0, 2.0, 4.0]])
+
+    def step(*micro_batches):
+        for x in micro_batches:
+            h = x
+            for router in layers:
+                router(h)
+                h = h.flip(1)  # the next layer sees other logits
+        return record.step()
+
+    other = logits.roll(1, dims=1)  # a second micro-batch with other choices
+    digest, margin = step(logits, other)
+    assert margin == pytest.approx(0.01, abs=1e-6)  # token 1: 0.5 against 0.49
+    assert step(logits, other) == (digest, margin)  # the same decisions: the same record
+    assert step(logits + 1, other)[0] == digest  # other logits, the same decisions
+    flipped = logits.clone()
+    flipped[1, 2] = 0.51  # token 1 now picks expert 2 over expert 1
+    changed, closest = step(flipped, other)
+    assert changed != digest and closest == pytest.approx(0.01, abs=1e-6)
+    assert step(other, logits)[0] != digest  # micro-batch order matters (sample order)
+    assert step(logits)[0] != digest
+    every_expert = _Router(k=4)  # top-k = all experts: no decision, no closest call
+    record = moe_metrics.RoutingRecord([every_expert])
+    every_expert(logits)
+    assert record.step()[1] is None
 
 
 # ---------------------------------------------------------------- Megatron-LM launcher

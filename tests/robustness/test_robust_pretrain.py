@@ -1,10 +1,12 @@
 """The pretraining example (examples/pretrain_moe.py, Megatron-core MoE with gmm-plugin experts):
 
-* determinism: two runs with the same seed log bitwise-identical losses, lr and grad norms;
+* determinism: two runs with the same seed log bitwise-identical losses, lr, grad norms and
+  routing;
 * interruption: SIGKILLed at random points (while starting, in the middle of a checkpoint write,
   between the write and the rename, at a random moment between steps), each restart with --resume
   continues from the last complete checkpoint, and the whole loss curve equals the uninterrupted
-  run's, bit for bit.
+  run's, bit for bit. The kill between the write and the rename comes from
+  tests/examples/pretrain_faults.py (the example has no fault switches); the others from outside.
 
 Tiny preset, 10 steps, a checkpoint every step (so kills land in writes often).
 """
@@ -30,6 +32,7 @@ pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 EXAMPLE = os.path.join(ROOT, "examples", "pretrain_moe.py")
+FAULTS = os.path.join(ROOT, "tests", "examples", "pretrain_faults.py")  # the example with a fault injected
 STEPS = 10
 PRESET = """\
 model: {num_layers: 1, hidden_size: 32, num_attention_heads: 2, num_experts: 4, moe_router_topk: 2,
@@ -51,9 +54,10 @@ def workdir():
     return d
 
 
-def start(workdir, out, *extra):
+def start(workdir, out, *extra, faults=None):
     log = open(f"{out}.log", "a")
-    cmd = [sys.executable, EXAMPLE, "--config", str(workdir / "tiny.yaml"), "--out-dir", str(out),
+    script = [EXAMPLE] if faults is None else [FAULTS, faults]
+    cmd = [sys.executable, *script, "--config", str(workdir / "tiny.yaml"), "--out-dir", str(out),
            "--use-gmm-plugin", "--device", "cpu", *extra]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MASTER_ADDR", None)
@@ -78,8 +82,9 @@ def metrics(out):
 
 
 def curve(out):
-    """What must match bit for bit: every step's loss, lr and grad norm (JSON floats round-trip)."""
-    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in metrics(out)]
+    """What must match bit for bit: every step's loss, lr, grad norm and routing digest (JSON
+    floats round-trip)."""
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["routing"]) for r in metrics(out)]
 
 
 def latest(out):
@@ -114,7 +119,7 @@ def test_same_seed_gives_bitwise_identical_losses(reference):
     a, b = (curve(o) for o in reference)
     count("determinism_repeats")
     expect(len(a) == STEPS and a == b, f"two runs with the same seed differ:\n{a}\n{b}")
-    expect(len({loss for _, loss, _, _ in a}) > 1, "the loss does not change: the comparison means nothing")
+    expect(len({row[1] for row in a}) > 1, "the loss does not change: the comparison means nothing")
 
 
 def kill_when(proc, predicate, timeout=400):
@@ -158,16 +163,18 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
                key="checkpoints_lost")
         count("kills_survived")
 
-    def attempt(kind, predicate=None, extra=()):
+    def attempt(kind, predicate=None, faults=None):
         """Start (with --resume after a kill), SIGKILL when predicate() names a reason (or let the
-        --fault hook kill it), and record the last complete checkpoint at that moment."""
+        injected fault kill it), and record the last complete checkpoint at that moment."""
         since = os.path.getsize(log) if os.path.exists(log) else 0
-        proc = start(workdir, out, *(["--resume"] if kills else []), *extra)
+        proc = start(workdir, out, *(["--resume"] if kills else []), faults=faults)
         t0, reason = time.time(), []
         if predicate:
             killed = kill_when(proc, lambda: reason.append(predicate(t0, proc.pid)) or reason[-1])
         else:
             killed = proc.wait(timeout=400) == -signal.SIGKILL
+            assert not killed or "pretrain_faults: SIGKILL" in open(log).read()[since:], \
+                f"{kind}: killed, but not by the injected fault\n{open(log).read()[since:][-3000:]}"
         if not killed:  # it ended on its own: only a clean finish is acceptable
             assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{open(log).read()[since:][-3000:]}"
         if kills:
@@ -185,9 +192,9 @@ def test_sigkill_at_random_points_resumes_from_last_complete_checkpoint(workdir,
     base2 = len(metrics(out))
     attempt("mid checkpoint write", lambda t0, pid: "mid checkpoint write" if writing_checkpoint(out, pid) else
             "between steps" if len(metrics(out)) >= base2 + 3 else None)
-    # 3. after the checkpoint data is written and fsync'ed, before its rename (the example's hook)
+    # 3. after the checkpoint data is written and fsync'ed, before its rename (pretrain_faults.py)
     step = min(latest(out) + rng.randint(1, 2), STEPS - 2)
-    attempt("between checkpoint write and rename", extra=("--fault", f"kill-in-save:{step}"))
+    attempt("between checkpoint write and rename", faults=f"in-save:{step}")
     # 4. at a random moment (0-0.3 s) after 1 or 2 new steps
     rows, pause, base, seen = rng.randint(1, 2), rng.uniform(0.0, 0.3), len(metrics(out)), {}
 
