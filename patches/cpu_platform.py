@@ -394,7 +394,11 @@ def _wrap_data_loader_builder(original):
 
 
 def _patch_training() -> None:
-    initialize = importlib.import_module("megatron.training.initialize")
+    try:
+        initialize = importlib.import_module("megatron.training.initialize")
+    except ImportError as e:  # megatron-core alone (< 0.19 wheels): only the torch-level parts apply
+        logging.getLogger(__name__).debug("cpu_platform: megatron.training not importable (%s)", e)
+        return
     original = initialize.initialize_megatron
     _training.replace_everywhere(original, _wrap_initialize_megatron(original), ("megatron",))
     fused_kernels = sys.modules.get("megatron.legacy.fused_kernels")
@@ -415,8 +419,9 @@ def enable_training(force: bool = False) -> bool:
     """enable() plus what megatron.training's loop needs on a CPU (see the module docstring).
 
     The literal-CUDA mode is pushed on the calling thread's torch function mode stack for the rest
-    of the run. Needs megatron.training (a Megatron-LM checkout, or megatron-core >= 0.19's
-    wheel). Returns True when active; with an accelerator present it does nothing (unless force).
+    of the run. The Megatron parts need megatron.training (a Megatron-LM checkout, or
+    megatron-core >= 0.19's wheel); without it only the torch-level parts apply. Returns True when
+    active; with an accelerator present it does nothing (unless force).
     """
     global _literals_mode
     if _literals_mode is not None:
