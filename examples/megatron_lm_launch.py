@@ -114,9 +114,9 @@ def main():
     if not cpu_platform.accelerator_present():
         argv, added = cpu_flags(argv)
         cpu_platform.enable_training()
-        if added and os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0":
             print(f"{os.path.basename(__file__)}: no GPU/NPU: Megatron's training loop runs on the CPU "
-                  f"(patches.cpu_platform); added {' '.join(added)}", flush=True)
+                  f"(patches.cpu_platform); added {' '.join(added) or 'no flags'}", flush=True)
     _run_as_main(script, argv)
 
 
