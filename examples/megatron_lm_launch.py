@@ -44,6 +44,7 @@ CPU_FLAGS = (
     ("--no-persist-layer-norm", None, "Apex's persistent layer norm is CUDA-only"),
     ("--no-gradient-accumulation-fusion", None, "APEX's fused_weight_gradient_mlp_cuda is CUDA-only"),
     ("--no-rope-fusion", None, "Transformer Engine's fused RoPE is CUDA-only"),
+    ("--no-masked-softmax-fusion", None, "Megatron's scaled_masked_softmax_cuda kernel (16-bit) is CUDA-only"),
 )
 
 

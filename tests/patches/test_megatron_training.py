@@ -47,7 +47,7 @@ FLAGS = [
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-workers", "0",
     "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
     "--distributed-backend", "gloo", "--transformer-impl", "local", "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion", "--no-rope-fusion",
+    "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-masked-softmax-fusion",
     "--ckpt-format", "torch_dist", "--save-interval", str(SAVE_AT),
 ]
 
