@@ -6,13 +6,18 @@
 #   VOCAB_FILE=gpt2-vocab.json MERGE_FILE=gpt2-merges.txt bash examples/run_megatron_lm.sh [more flags]
 #
 # Environment: NPROC (GPUs/NPUs per node, 8), EP (expert-parallel size, 2), GMM_CONFIG (plugin
-# YAML; configs/gmm_gpu.yaml, or configs/gmm_npu.yaml on Ascend), CKPT_DIR (checkpoints).
+# YAML; configs/gmm_gpu.yaml, or configs/gmm_npu.yaml on Ascend), CKPT_DIR (checkpoints),
+# GMM=0 (Megatron's own experts instead of the plugin's, for comparison; same checkpoints).
+# Without DATA_PREFIX: Megatron's mock data and NullTokenizer (a smoke run, e.g. on a CPU machine,
+# where the launcher adds the CPU flags itself; examples/megatron_lm.md section 5).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout whose megatron/core matches the installed megatron-core}"
-: "${DATA_PREFIX:?set DATA_PREFIX to a Megatron indexed dataset prefix (tools/preprocess_data.py output, without .bin/.idx)}"
-: "${VOCAB_FILE:?set VOCAB_FILE (GPT-2 BPE vocab)}"
-: "${MERGE_FILE:?set MERGE_FILE (GPT-2 BPE merges)}"
+DATA_PREFIX=${DATA_PREFIX:-}  # a Megatron indexed dataset prefix (tools/preprocess_data.py output, without .bin/.idx)
+if [ -n "$DATA_PREFIX" ]; then
+  : "${VOCAB_FILE:?set VOCAB_FILE (GPT-2 BPE vocab)}"
+  : "${MERGE_FILE:?set MERGE_FILE (GPT-2 BPE merges)}"
+fi
 NPROC=${NPROC:-8}
 EP=${EP:-2}
 GMM_CONFIG=${GMM_CONFIG:-$ROOT/configs/gmm_gpu.yaml}
@@ -28,7 +33,6 @@ MODEL=(
 MOE=(
   --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 1536 --moe-aux-loss-coeff 1e-2
   --moe-token-dispatcher-type alltoall --expert-model-parallel-size "$EP"
-  --moe-grouped-gemm
   # The experts gmm-plugin patches are Megatron's own grouped MLP (legacy GroupedMLP up to
   # megatron-core 0.16, the SequentialMLP fallback from 0.17): build the layers without
   # Transformer Engine's grouped experts. With TE on 0.12-0.16, --moe-use-legacy-grouped-gemm
@@ -41,18 +45,21 @@ TRAIN=(
   --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --bf16
   --no-gradient-accumulation-fusion   # Megatron's own (dense layers) needs APEX's CUDA extension
 )
-DATA=(
-  --data-path "$DATA_PREFIX" --split 99,1,0
-  --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB_FILE" --merge-file "$MERGE_FILE"
-)
+if [ -n "$DATA_PREFIX" ]; then
+  DATA=(--data-path "$DATA_PREFIX" --split 99,1,0
+        --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB_FILE" --merge-file "$MERGE_FILE")
+else
+  DATA=(--mock-data --tokenizer-type NullTokenizer --vocab-size 4096 --split 99,1,0)
+fi
 OUTPUT=(
   --log-interval 10 --save-interval 1000 --eval-interval 1000 --eval-iters 10
   --save "$CKPT_DIR" --load "$CKPT_DIR"
 )
 PLUGIN=(
-  --use-gmm-plugin --gmm-plugin-config "$GMM_CONFIG"
+  --moe-grouped-gemm --use-gmm-plugin --gmm-plugin-config "$GMM_CONFIG"
   --gemm-gradient-accumulation-fusion   # expert dW accumulated straight into main_grad
 )
+[ "${GMM:-1}" = 0 ] && PLUGIN=()        # Megatron's own experts (SequentialMLP)
 
 # examples/megatron_lm_launch.py = pretrain_gpt.py with `import patches.megatron_adaptor` first.
 exec torchrun --nproc-per-node "$NPROC" "$ROOT/examples/megatron_lm_launch.py" "$MEGATRON_LM/pretrain_gpt.py" \

@@ -19,17 +19,43 @@ capability when `--moe-grouped-gemm` is validated. This shim makes those calls m
 
 `torch.cuda.is_available()` stays False. enable() is idempotent and does nothing when an
 accelerator is present; disable() puts back every original object.
+
+enable_training() adds what Megatron-LM's training loop (`megatron.training`: initialize_megatron,
+pretrain, its checkpointing) needs on top (reference/megatron-lm-cpu.md rows 1-3, 8, 10):
+
+  initialize_megatron(...)                        -> allow_no_cuda=True, and while it runs
+                                                     torch.cuda.device_count() == 1 and set_device a
+                                                     no-op (else it skips the model-parallel groups
+                                                     and the RNG tracker seeds)
+  megatron.legacy.fused_kernels.load              -> no-op (it would run nvcc; it builds nothing now)
+  literal device='cuda', .cuda(), grad.type()     -> the CPU, process-wide (cuda_literals_on_cpu)
+  typing.override (Python < 3.12, 0.19's code)    -> PEP 698's decorator (also in processes Megatron
+                                                     spawns: examples/megatron_lm_launch.py)
+  build_pretraining_data_loader(...)              -> the same DataLoader, with a generator of its own
+
+Why the last one: the shim's "CUDA" generator is the CPU default generator (CPU dropout can draw
+from no other), and a DataLoader without a generator draws its workers' base seed from that same
+generator each time an iterator is made. On a GPU that draw moves only the host's generator; on a
+CPU run it moved the dropout stream, so a run resumed from a checkpoint (iterator made after the
+load) diverged from an uninterrupted one. With a generator of its own the draw touches no stream
+the model uses.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 import logging
+import sys
+import typing
 
 import torch
 
 from ._patching import PatchSet
 
-__all__ = ["enable", "disable", "is_enabled", "accelerator_present", "cuda_literals_on_cpu"]
+__all__ = ["enable", "disable", "is_enabled", "accelerator_present", "cuda_literals_on_cpu",
+           "enable_training", "training_enabled", "ensure_typing_override"]
 
 _patches = PatchSet()
 _enabled = False
@@ -232,14 +258,14 @@ def _patch_megatron() -> None:
 
 
 def disable() -> None:
-    """Remove the shim and restore every original object."""
+    """Remove the shim (and the training part, when on) and restore every original object."""
     global _enabled
+    _disable_training()
     if not _enabled:
         return
     _patches.restore()
     logging.getLogger(_RNG_LOGGER).removeFilter(_RNG_FILTER)
     # The alltoall dispatcher caches its side stream on the class: do not leave ours behind.
-    import sys
     dispatcher_mod = sys.modules.get("megatron.core.transformer.moe.token_dispatcher")
     cls = getattr(dispatcher_mod, "MoEAlltoAllTokenDispatcher", None)
     if cls is not None and isinstance(getattr(cls, "cuda_dtoh_stream", None), _Stream):
@@ -248,24 +274,181 @@ def disable() -> None:
 
 
 class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
-    """Megatron's optimizer (FP32Optimizer, clip_grads) creates small tensors with a literal
-    device='cuda', calls .cuda() and asserts grad.type() == 'torch.cuda.FloatTensor'; on a CPU
-    run those mean the CPU. A torch function mode, so it is active only inside its `with`
-    (the optimizer's construction and step), never process-wide."""
+    """Megatron's training code creates small tensors with a literal device='cuda' (optimizer,
+    clip_grads, loss logging, JIT warm-up), calls .cuda() / .to('cuda') and asserts
+    grad.type() == 'torch.cuda.FloatTensor'; on a CPU run those mean the CPU. A torch function
+    mode: active inside its `with`, or for a whole run through enable_training()."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
+        if device is not None and _is_cuda(device):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
         out = func(*args, **kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and out.startswith("torch."):
             return out.replace("torch.", "torch.cuda.", 1)  # the type name a CUDA tensor would have
         return out
 
 
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":", 1)[0] == "cuda"
+    return False  # an int means the current accelerator, a dtype or tensor is not a device
+
+
 def cuda_literals_on_cpu() -> _CudaLiteralsOnCpu:
-    """Context for Megatron's optimizer on a CPU run: literal CUDA devices mean the CPU."""
+    """Context for Megatron code on a CPU run: literal CUDA devices mean the CPU."""
     return _CudaLiteralsOnCpu()
+
+
+# ---------------------------------------------------------------- megatron.training on a CPU
+
+_training = PatchSet()
+_literals_mode: _CudaLiteralsOnCpu | None = None
+# Where each version keeps the data loader builder that pretrain() uses.
+_DATA_LOADER_MODULES = ("megatron.training.datasets.data_samplers",  # 0.13+
+                        "megatron.legacy.data.data_samplers")        # 0.12
+
+
+def training_enabled() -> bool:
+    return _literals_mode is not None
+
+
+def _override(method, /):
+    """typing.override (PEP 698, Python 3.12): marks a method as an override; no other effect."""
+    try:
+        method.__override__ = True
+    except (AttributeError, TypeError):
+        pass
+    return method
+
+
+def ensure_typing_override(patches: PatchSet | None = None) -> bool:
+    """Give Python < 3.12 the `typing.override` that megatron-core 0.19's training code imports.
+    Returns True when it was missing and is now there (recorded in `patches` when given)."""
+    if hasattr(typing, "override"):
+        return False
+    if patches is None:
+        typing.override = _override
+    else:
+        patches.set(typing, "override", _override)
+    return True
+
+
+@contextlib.contextmanager
+def _one_cuda_device():
+    # initialize_megatron builds the model-parallel groups and seeds the RNG tracker only when
+    # torch.cuda.device_count() > 0, after torch.cuda.set_device(local_rank).
+    scoped = PatchSet()
+    scoped.set(torch.cuda, "device_count", lambda: 1)
+    scoped.set(torch.cuda, "set_device", lambda device: None)
+    try:
+        yield
+    finally:
+        scoped.restore()
+
+
+def _wrap_initialize_megatron(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize_megatron_on_cpu(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["allow_no_cuda"] = True  # skips only its `assert torch.cuda.is_available()`
+        with _one_cuda_device():
+            return original(*bound.args, **bound.kwargs)
+
+    initialize_megatron_on_cpu.__gmm_cpu_wrapped__ = original
+    return initialize_megatron_on_cpu
+
+
+def _no_fused_kernels(args):
+    """megatron.legacy.fused_kernels.load on a CPU: nothing to build (it would run nvcc)."""
+
+
+def _data_loader_seed() -> int:
+    try:
+        from megatron.training.global_vars import get_args
+        return int(get_args().seed)
+    except Exception:  # built outside pretrain(): any fixed seed keeps runs repeatable
+        return 0
+
+
+def _wrap_data_loader_builder(original):
+    @functools.wraps(original)
+    def build_pretraining_data_loader(*args, **kwargs):
+        loader = original(*args, **kwargs)
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            # Its iterators draw their workers' base seed from here, not from the CPU default
+            # generator that carries the dropout stream on a CPU run.
+            loader.generator = torch.Generator().manual_seed(_data_loader_seed())
+        return loader
+
+    return build_pretraining_data_loader
+
+
+def _patch_training() -> None:
+    try:
+        initialize = importlib.import_module("megatron.training.initialize")
+    except ImportError as e:  # megatron-core alone (< 0.19 wheels): only the torch-level parts apply
+        logging.getLogger(__name__).debug("cpu_platform: megatron.training not importable (%s)", e)
+        return
+    original = initialize.initialize_megatron
+    _training.replace_everywhere(original, _wrap_initialize_megatron(original), ("megatron",))
+    fused_kernels = sys.modules.get("megatron.legacy.fused_kernels")
+    if fused_kernels is not None and hasattr(fused_kernels, "load"):
+        _training.set(fused_kernels, "load", _no_fused_kernels)
+    for name in _DATA_LOADER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        builder = getattr(module, "build_pretraining_data_loader", None)
+        if builder is not None:
+            _training.replace_everywhere(builder, _wrap_data_loader_builder(builder), ("megatron",))
+            break
+
+
+def enable_training(force: bool = False) -> bool:
+    """enable() plus what megatron.training's loop needs on a CPU (see the module docstring).
+
+    The literal-CUDA mode is pushed on the calling thread's torch function mode stack for the rest
+    of the run. The Megatron parts need megatron.training (a Megatron-LM checkout, or
+    megatron-core >= 0.19's wheel); without it only the torch-level parts apply. Returns True when
+    active; with an accelerator present it does nothing (unless force).
+    """
+    global _literals_mode
+    if _literals_mode is not None:
+        return True
+    if not enable(force=force):
+        return False
+    try:
+        ensure_typing_override(_training)  # before anything imports megatron.training
+        _patch_training()
+        mode = _CudaLiteralsOnCpu()
+        mode.__enter__()
+        _literals_mode = mode
+    except BaseException:
+        _training.restore()
+        raise
+    return True
+
+
+def _disable_training() -> None:
+    global _literals_mode
+    mode, _literals_mode = _literals_mode, None
+    if mode is not None:
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) \
+            if torch._C._len_torch_function_stack() else None
+        if top is not mode:
+            _literals_mode = mode
+            raise RuntimeError("cpu_platform.disable(): another torch function mode was entered after "
+                               "enable_training() and is still active; exit it first.")
+        mode.__exit__(None, None, None)
+    _training.restore()

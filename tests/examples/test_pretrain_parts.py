@@ -294,25 +294,98 @@ def test_routing_record_digest_and_closest_call():
 
 # ---------------------------------------------------------------- Megatron-LM launcher
 
+LAUNCHER = os.path.join(ROOT, "examples", "megatron_lm_launch.py")
+CPU_ADDED = ["--distributed-backend", "gloo", "--transformer-impl", "local", "--no-persist-layer-norm",
+             "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-masked-softmax-fusion"]
+
+
+def _on_cpu():
+    from patches import cpu_platform
+    return not cpu_platform.accelerator_present()
+
+
+def _launch(tmp_path, script, *argv, timeout=300):
+    import subprocess
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, LAUNCHER, str(script), *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
 def test_megatron_lm_launcher_applies_the_plugin_and_hands_over_clean_argv(tmp_path):
     pytest.importorskip("megatron.core")
-    import subprocess
     script = tmp_path / "pretrain_gpt.py"  # a stand-in for Megatron-LM's script
     script.write_text("import json, sys, patches\n"
-                      "print(json.dumps({'argv': sys.argv, 'applied': patches.is_applied(), 'name': __name__}))\n")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "megatron_lm_launch.py"), str(script),
-         "--num-experts", "8", "--use-gmm-plugin", "--gmm-plugin-config", os.path.join(ROOT, "configs", "gmm_cpu.yaml"),
-         "--moe-grouped-gemm"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                      "print(json.dumps({'argv': sys.argv, 'applied': patches.is_applied(), 'name': __name__,\n"
+                      "                  'file': __file__}))\n")
+    proc = _launch(tmp_path, script, "--num-experts", "8", "--use-gmm-plugin", "--gmm-plugin-config",
+                   os.path.join(ROOT, "configs", "gmm_cpu.yaml"), "--moe-grouped-gemm")
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert seen == {"argv": [str(script), "--num-experts", "8", "--moe-grouped-gemm"], "applied": True, "name": "__main__"}
+    argv = [str(script), "--num-experts", "8", "--moe-grouped-gemm"] + (CPU_ADDED if _on_cpu() else [])
+    assert seen == {"argv": argv, "applied": True, "name": "__main__", "file": str(script)}
     assert "experts: legacy GroupedMLP" in proc.stdout or "experts: GmmGroupedMLP" in proc.stdout
+    if _on_cpu():  # one line says what was added
+        said = [line for line in proc.stdout.splitlines() if "added --distributed-backend" in line]
+        assert len(said) == 1 and said[0].endswith(" ".join(CPU_ADDED)), proc.stdout
+
+
+def test_megatron_lm_launcher_without_the_plugin_keeps_megatrons_experts(tmp_path):
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text("import json, sys, patches\nprint(json.dumps({'argv': sys.argv[1:], 'applied': patches.is_applied()}))\n")
+    proc = _launch(tmp_path, script, "--num-experts", "4", "--transformer-impl=local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    added = [a for a in CPU_ADDED if a not in ("--transformer-impl", "local")] if _on_cpu() else []
+    assert seen == {"argv": ["--num-experts", "4", "--transformer-impl=local"] + added, "applied": False}
+
+
+@pytest.mark.parametrize("flag, value", [("--distributed-backend", "nccl"), ("--transformer-impl", "transformer_engine")])
+def test_megatron_lm_launcher_refuses_what_a_cpu_cannot_run(tmp_path, flag, value):
+    if not _on_cpu():
+        pytest.skip("an accelerator is present: nothing is refused")
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text("raise SystemExit('the script must not run')\n")
+    for argv in ([flag, value], [f"{flag}={value}"]):
+        proc = _launch(tmp_path, script, "--num-layers", "2", *argv)
+        assert proc.returncode != 0 and f"{flag} {value} cannot run on this machine" in proc.stderr, proc.stderr
+        assert "must not run" not in proc.stderr
+
+
+SPAWN_SCRIPT = """\
+import json, multiprocessing, sys, typing
+
+MARK = "the script's module level ran"
+
+
+def probe(queue):
+    import __main__
+    queue.put({"override": hasattr(typing, "override"), "mark": getattr(__main__, "MARK", None)})
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")  # what torch_dist saving uses for its Manager
+    queue = ctx.Queue()
+    child = ctx.Process(target=probe, args=(queue,))
+    child.start()
+    seen = queue.get(timeout=120)
+    child.join(timeout=120)
+    print(json.dumps(dict(seen, exitcode=child.exitcode, parent_override=hasattr(typing, "override"))))
+"""
+
+
+def test_megatron_lm_launcher_spawned_children_get_typing_override_and_the_script(tmp_path):
+    """Megatron 0.19's training code imports typing.override (Python 3.12); torch_dist saving starts
+    a 'spawn' child that re-imports the main module: it must have override, and the script's names."""
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWN_SCRIPT)
+    proc = _launch(tmp_path, script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"override": True, "mark": "the script's module level ran", "exitcode": 0, "parent_override": True}
 
 
 def test_megatron_lm_launcher_usage(tmp_path):
     import subprocess
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "megatron_lm_launch.py"), "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, LAUNCHER, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "usage: megatron_lm_launch.py PATH/TO/pretrain_gpt.py" in proc.stderr

@@ -111,3 +111,125 @@ def test_cuda_literals_on_cpu_only_inside_its_scope():
     if not torch.cuda.is_available():
         with pytest.raises((AssertionError, RuntimeError)):
             torch.zeros(2, device="cuda")
+
+
+# ---------------------------------------------------------------- the training part (megatron.training)
+
+def test_literal_cuda_to_means_cpu():
+    x = torch.ones(2)
+    with cpu_platform.cuda_literals_on_cpu():
+        assert x.to("cuda").device.type == "cpu"
+        assert x.to(torch.device("cuda:0"), torch.float64).dtype == torch.float64
+        assert torch.ones(1, device=torch.device("cuda", 0)).device.type == "cpu"
+
+
+def test_typing_override_is_pep_698_and_recorded():
+    import typing
+    from patches._patching import PatchSet
+    had = hasattr(typing, "override")
+    patches = PatchSet()
+    assert cpu_platform.ensure_typing_override(patches) is (not had)
+    class Base:
+        def f(self):
+            return 1
+    class Child(Base):
+        @typing.override
+        def f(self):
+            return 2
+    assert Child().f() == 2 and getattr(Child.f, "__override__", False) is True
+    patches.restore()
+    assert hasattr(typing, "override") is had
+
+
+@pytest.fixture
+def training_shim():
+    import typing
+    from patches._patching import PatchSet
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.training") is None:
+        pytest.skip("megatron.training is not installed (megatron-core < 0.19 wheels ship only megatron/core)")
+    compat = PatchSet()
+    cpu_platform.ensure_typing_override(compat)  # 0.19's training code on Python 3.11
+    from megatron.training import initialize
+    before = (_snapshot(), initialize.initialize_megatron, torch.cuda.device_count, torch.cuda.set_device,
+              vars(typing).get("override"), torch._C._len_torch_function_stack())
+    yield cpu_platform
+    cpu_platform.disable()
+    after = (_snapshot(), initialize.initialize_megatron, torch.cuda.device_count, torch.cuda.set_device,
+             vars(typing).get("override"), torch._C._len_torch_function_stack())
+    assert after[0] == before[0] and all(a is b for a, b in zip(after[1:5], before[1:5])) and after[5] == before[5]
+    compat.restore()
+
+
+def test_enable_training_covers_the_run_and_disable_restores(training_shim):
+    assert training_shim.enable_training() is True and training_shim.enable_training() is True
+    assert training_shim.is_enabled() and training_shim.training_enabled()
+    assert torch.zeros(1, device="cuda").device.type == "cpu"  # process-wide, no `with`
+    import typing
+    assert hasattr(typing, "override")
+    training_shim.disable()
+    assert not training_shim.training_enabled()
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+
+
+def test_disable_refuses_to_pop_someone_elses_mode(training_shim):
+    training_shim.enable_training()
+    other = cpu_platform.cuda_literals_on_cpu()
+    with other:
+        with pytest.raises(RuntimeError, match="another torch function mode"):
+            training_shim.disable()
+    training_shim.disable()  # ours is on top again: now it goes
+    assert not training_shim.training_enabled()
+
+
+def test_initialize_megatron_gets_allow_no_cuda_and_one_device_only_while_it_runs(training_shim, monkeypatch):
+    from megatron.training import initialize
+    seen = {}
+
+    def fake(extra_args_provider=None, args_defaults={}, ignore_unknown_args=False, allow_no_cuda=False, **kw):
+        seen.update(allow_no_cuda=allow_no_cuda, devices=torch.cuda.device_count(), extra=extra_args_provider)
+        torch.cuda.set_device(0)  # a no-op while it runs; CUDA's own raises without a GPU
+        return "done"
+
+    monkeypatch.setattr(initialize, "initialize_megatron", fake)
+    training_shim.enable_training()
+    wrapped = initialize.initialize_megatron
+    assert wrapped is not fake and wrapped("provider", {}) == "done"  # positional args keep their places
+    assert seen == {"allow_no_cuda": True, "devices": 1, "extra": "provider"}
+    assert torch.cuda.device_count() == 0  # back to the truth once it returned (no accelerator here)
+    training_shim.disable()
+    assert initialize.initialize_megatron is fake
+
+
+def test_data_loader_iterators_leave_the_dropout_stream_alone(training_shim):
+    """The root of the non-bit-exact resume: creating a DataLoader iterator drew a seed from the CPU
+    default generator, which is the shim's "CUDA" (dropout) generator."""
+    import importlib
+    module = None
+    for name in cpu_platform._DATA_LOADER_MODULES:
+        try:
+            module = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    original = module.build_pretraining_data_loader
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2)
+    state = torch.get_rng_state()
+    iter(loader)
+    assert not torch.equal(torch.get_rng_state(), state)  # without the shim: the draw moves it
+
+    training_shim.enable_training()
+    wrapped = module.build_pretraining_data_loader
+    assert wrapped is not original
+    import megatron.training.training as training_loop
+    assert training_loop.build_pretraining_data_loader is wrapped  # the alias pretrain() calls
+    # The real builder needs Megatron's global args; the wrapper only post-processes its result.
+    inner = cpu_platform._wrap_data_loader_builder(lambda *a: torch.utils.data.DataLoader(list(range(8)), batch_size=2))
+    first, second = inner(), inner()
+    state = torch.get_rng_state()
+    it1, it2 = iter(first), iter(second)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert it1._base_seed == it2._base_seed  # a fixed private seed: the same on every run
+    training_shim.disable()
+    assert module.build_pretraining_data_loader is original
