@@ -1,0 +1,128 @@
+"""The layer suite: a Megatron-core MoE layer forward+backward with the plugin's experts against
+SequentialMLP built from the same weights (and the legacy GroupedMLP where megatron-core has it).
+
+Gradients, per block of rows:
+* `.grad`: plain autograd, no DDP; the plugin has no main_grad to fuse into.
+* `DDP fp32 main_grad`: each layer inside Megatron's own DistributedDataParallel (fp32 grad
+  buffers); the plugin's default config fuses the expert weight gradients into main_grad,
+  SequentialMLP's go through DDP's hook. Each timed call is one micro-batch (zero_grad_buffer and
+  the gradient all-reduce come once per iteration and cost every experts class the same).
+The plugin runs with the default config (`gmm-plugin`) and, where the fused weight gradient's
+dtype changes the GEMM (bf16 under DDP), with fused_wgrad_dtype fp32 and input set explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+
+import torch
+
+from .. import settings
+from .cases import DTYPES, wgrad_dtype_matters
+from .measure import Row, measure, rows_from
+
+DENSE = "expert GEMMs as dense torch.mm"
+SEQUENTIAL = "SequentialMLP"
+PLUGIN = "gmm-plugin"
+PLUGIN_AS = {dt: f"gmm-plugin (fused_wgrad_dtype {dt})" for dt in ("fp32", "input")}
+LEGACY = "legacy GroupedMLP (loop gmm)"
+GRADS = {"plain": ".grad", "main_grad": "DDP fp32 main_grad"}
+CPU = torch.device("cpu")
+
+
+def layer_suite(args) -> tuple[list[Row], str | None]:
+    """Rows, or no rows and why the suite cannot run here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            import megatron.core  # noqa: F401
+
+        import patches
+        from patches import cpu_platform
+    except ImportError as e:
+        return [], f"needs megatron-core and the patches package ({e})"
+    from ..config import load_config
+    from . import megatron_layer
+    cfg = load_config(None, env={})  # the default config, whatever the environment says
+    shim_was_on = cpu_platform.is_enabled()
+    cpu_platform.enable(force=True)  # the layer runs on the CPU, even where CUDA exists
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Megatron: TE/Apex missing, deprecations
+            megatron_layer.ensure_world()
+            patches.apply(cfg)
+            return _rows(args, cfg, megatron_layer), None
+    finally:
+        patches.revert()
+        if not shim_was_on:  # torch.cuda back to itself for whatever runs next
+            cpu_platform.disable()
+
+
+def _rows(args, cfg, ml) -> list[Row]:
+    T, H, F = args.layer_tokens, args.hidden, args.ffn
+    routed = T * args.topk
+    flops = 3 * 2.0 * routed * H * (2 * F + F)  # fc1 (GLU: 2F wide) + fc2, forward and 2 backward
+    rows = []
+    for dname in [d for d in args.dtypes if d != "fp16"]:
+        dtype = DTYPES[dname]
+        g = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(T, 1, H, generator=g).to(dtype)
+        dy = (torch.randn(T, 1, H, generator=g) * 1e-2).to(dtype)
+        for E in args.experts:
+            for grads in args.layer_grads:
+                cases, notes, extra = _cases(args, cfg, ml, E, dtype, grads, x, dy)
+                cases = {DENSE: _dense_gemms(routed, H, F, dtype), **cases}
+                samples, peaks = measure(cases, args, CPU)
+                del cases
+                gc.collect()
+                meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",
+                            dtype=dname, experts=E)
+                rows += rows_from(samples, flops, DENSE, meta, peaks, notes=notes, extra=extra)
+    return rows
+
+
+def _cases(args, cfg, ml, E, dtype, grads, x, dy):
+    """{name: step}, notes and extra figures for one block: the layers are built here, fresh."""
+    torch.manual_seed(args.seed)
+    seq = ml.moe_layer(args, E, dtype, grouped=False)
+    plug = ml.moe_layer(args, E, dtype, grouped=True)
+    ml.copy_weights(seq, plug)
+    layers = {SEQUENTIAL: (seq, contextlib.nullcontext), PLUGIN: (plug, contextlib.nullcontext)}
+    if ml.has_legacy_grouped_mlp() and dtype == torch.bfloat16:  # GroupedMLP asserts bf16 there
+        with ml.unpatched_legacy(cfg):
+            legacy = ml.moe_layer(args, E, dtype, grouped=True)
+        ml.copy_weights(seq, legacy)
+        layers[LEGACY] = (legacy, lambda: ml.unpatched_legacy(cfg))
+    ddp = grads == "main_grad"
+    models = {name: (ml.with_ddp(layer) if ddp else layer, enter) for name, (layer, enter) in layers.items()}
+    cases = {name: _step(model, x, dy, enter) for name, (model, enter) in models.items()}
+    if ddp and wgrad_dtype_matters(dtype, CPU):
+        for dt, name in PLUGIN_AS.items():
+            cases[name] = _step(models[PLUGIN][0], x, dy, lambda dt=dt: settings(fused_wgrad_dtype=dt))
+    fused = ddp and cfg.gemm_fusion
+    wmb = ml.expert_weight_mb(plug)
+    note = f"experts: {type(plug.experts).__name__}" + (", gemm_fusion into main_grad" if fused else "")
+    return cases, {PLUGIN: note}, {"expert_weights_mb": round(wmb, 2), "grads": GRADS[grads]}
+
+
+def _step(model, x, dy, enter):
+    """One forward+backward of model (a layer, or DDP around it) inside enter()."""
+    def run():
+        with enter():
+            out, _ = model(x.detach().requires_grad_(True))
+            out.backward(dy)
+        model.zero_grad(set_to_none=True)  # .grad rows; under DDP its hook has dropped .grad already
+    return run
+
+
+def _dense_gemms(routed, H, F, dtype):
+    """The layer's expert GEMMs as plain torch.mm at the same shapes: its FLOPs at dense speed."""
+    a1, w1 = torch.randn(routed, H).to(dtype), torch.randn(H, 2 * F).to(dtype)
+    a2, w2 = torch.randn(routed, F).to(dtype), torch.randn(F, H).to(dtype)
+    g1, g2 = torch.randn(routed, 2 * F).to(dtype), torch.randn(routed, H).to(dtype)
+
+    def run():
+        torch.mm(a1, w1), torch.mm(g1, w1.t()), torch.mm(a1.t(), g1)
+        torch.mm(a2, w2), torch.mm(g2, w2.t()), torch.mm(a2.t(), g2)
+    return run
