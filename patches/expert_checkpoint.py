@@ -104,7 +104,8 @@ def load_from_state_dict(module, state_dict, prefix, local_metadata, strict, mis
     """Load SequentialMLP's per-expert keys, or the legacy weight1 / weight2, into weight1 / weight2.
 
     Follows torch's conventions: size mismatches go to error_msgs, absent and unknown keys to
-    missing_keys / unexpected_keys when strict (load_state_dict raises on them).
+    missing_keys / unexpected_keys (load_state_dict raises on them when strict), and
+    assign=True (local_metadata["assign_to_params_buffers"]) replaces the parameters.
     """
     layout = _Layout(module)
     legacy = {name: prefix + name for name in LEGACY_KEYS}
@@ -132,33 +133,32 @@ def load_from_state_dict(module, state_dict, prefix, local_metadata, strict, mis
             _load_param(module, name, state_dict[key], key, assign, error_msgs)
         return
 
+    # One key per expert and linear, like SequentialMLP: load what is there (strict=False too),
+    # report what is not; size mismatches are skipped, as torch does.
     views = {FC1: (layout.fc1, layout.fc1_shape(), "weight1"), FC2: (layout.fc2, layout.fc2_shape(), "weight2")}
     for linear, (view, shape, name) in views.items():
-        keys = [per_expert[(e, linear)] for e in range(layout.experts)]
-        absent = [k for k in keys if k not in state_dict]
-        if absent:
-            if strict:
-                missing_keys.extend(absent)
-            if len(absent) < len(keys):
-                # Half an experts tensor cannot be loaded: leave it as it is and say which were missing.
-                error_msgs.append(f"{prefix!r}: {name} not loaded, some experts missing: {absent}")
-            continue
-        bad = [k for k in keys if tuple(state_dict[k].shape) != shape]
-        if bad:
-            error_msgs.extend(f"size mismatch for {k}: copying a param with shape {tuple(state_dict[k].shape)} "
-                              f"from checkpoint, the shape in current model is {torch.Size(shape)}." for k in bad)
+        present = {}
+        for e in range(layout.experts):
+            key = per_expert[(e, linear)]
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+            elif not torch.is_tensor(state_dict[key]) or tuple(state_dict[key].shape) != shape:
+                got = tuple(state_dict[key].shape) if torch.is_tensor(state_dict[key]) else type(state_dict[key]).__name__
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {got} from checkpoint, "
+                                  f"the shape in current model is {torch.Size(shape)}.")
+            else:
+                present[e] = state_dict[key]
+        if not present:
             continue
         param = getattr(module, name)
+        with torch.no_grad():
+            target = param.detach().clone() if assign else param
+            blocks = view(target)
+            for e, value in present.items():
+                blocks[e].copy_(value)
         if assign:
-            full = torch.empty_like(param, dtype=state_dict[keys[0]].dtype)
-            with torch.no_grad():
-                view(full).copy_(torch.stack([state_dict[k] for k in keys]))
-            _load_param(module, name, full, prefix + name, True, error_msgs)
-        else:
-            with torch.no_grad():
-                target = view(param)
-                for e, k in enumerate(keys):
-                    target[e].copy_(state_dict[k])
+            _load_param(module, name, target, prefix + name, True, error_msgs)
 
 
 def _load_param(module, name, value, key, assign, error_msgs) -> None:

@@ -260,6 +260,8 @@ def interchange_phase(workdir):
         results.append((f"torch_dist {direction}: weights, Adam moments, next losses", problems))
         models[saver_grouped] = (model, opt)
 
+    if not _modern():  # <= 0.16: the legacy GroupedMLP's torch format is its own (weight1 / weight2)
+        return results
     # torch format: each rank's plain state_dict, across the two (now differently trained) models.
     for src_grouped in (True, False):
         (src, src_opt), (dst, dst_opt) = models[src_grouped], models[not src_grouped]

@@ -153,3 +153,87 @@ def psutil_path() -> list[str] | None:
     except ImportError:
         folder = os.path.join(ROOT, ".mcore-extra", "psutil")
         return [folder] if os.path.isdir(os.path.join(folder, "psutil")) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker runs the tests share (once per pytest process)
+
+WORKER = os.path.join(HERE, "checkpoint_worker.py")
+LAUNCH_TIMEOUT = 300.0
+_RUNS: dict = {}
+
+
+class Run:
+    """One worker run: its exit status, output, and the OK / FAIL lines per phase."""
+
+    def __init__(self, label, rc, output):
+        self.label, self.rc, self.output = label, rc, output
+
+    def ok(self, phase):
+        return [line for line in self.output.splitlines() if line.startswith(f"OK {phase}: ")]
+
+    def check(self, phase, expected_cases):
+        """Assert that `phase` ran, every case passed on every rank, and there were expected_cases."""
+        fails = [line for line in self.output.splitlines() if line.startswith("FAIL") and f" {phase}: " in line]
+        ok = self.ok(phase)
+        tail = self.output[-6000:]
+        assert not fails, f"{self.label}:\n" + "\n".join(fails) + "\n" + tail
+        assert len(ok) == expected_cases, f"{self.label}: {len(ok)} of {expected_cases} {phase} cases passed\n{tail}"
+
+
+def legacy_mcore():
+    """(version, PYTHONPATH folders) of the newest megatron-core 0.13-0.16 found here (0.12's
+    torch_dist does not work with numpy 2 / torch 2.13), or None."""
+    legacy = {v: p for v, p in installed_mcore().items() if (0, 13) <= v[:2] < (0, 17)}
+    if not legacy:
+        return None
+    version = max(legacy)
+    return version, legacy[version]
+
+
+def worker_pythonpath(folders=None):
+    """PYTHONPATH for a worker: the given megatron-core folders (default: this process's PYTHONPATH) + psutil."""
+    if folders is None:
+        folders = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [*folders, *(psutil_path() or [])]
+
+
+def run_once(key, nprocs, phases, before=None) -> Run:
+    """Run the worker once per pytest process for `key` (cached); `before(workdir)` may run first
+    (the legacy writer) and return extra phases plus a note for the report."""
+    import shutil
+    import tempfile
+    if key not in _RUNS:
+        workdir = tempfile.mkdtemp(prefix="gmm_ckpt_")
+        try:
+            notes = ""
+            if before is not None:
+                extra, notes = before(workdir)
+                phases = [*phases, *extra]
+            rc, out = launch(WORKER, nprocs, [workdir, *phases], pythonpath=worker_pythonpath(),
+                             timeout=LAUNCH_TIMEOUT)
+            _RUNS[key] = Run(f"{nprocs} processes, phases {phases}", rc, notes + out)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return _RUNS[key]
+
+
+def write_legacy_checkpoint(workdir):
+    """The legacy writer (megatron-core 0.13-0.16 with the plugin's GroupedMLP) into workdir/legacy."""
+    found = legacy_mcore()
+    if found is None:
+        return [], "no megatron-core 0.13-0.16 here: legacy_read not run\n"
+    version, folders = found
+    rc, out = launch(WORKER, 2, [workdir, "legacy_write"], pythonpath=worker_pythonpath(folders),
+                     timeout=LAUNCH_TIMEOUT)
+    note = f"--- legacy writer, megatron-core {'.'.join(map(str, version))} (exit {rc}) ---\n{out}\n"
+    return (["legacy_read"] if rc == 0 else []), note
+
+
+def two_process_run() -> Run:
+    """The 2-process run both checkpoint test files read: layout (0.17+) and interchange, and on
+    0.17+ the read of a checkpoint written first by megatron-core 0.13-0.16 (when one is here)."""
+    import patches
+    modern = patches.megatron_version()[:2] >= (0, 17)
+    phases = (["layout"] if modern else []) + ["interchange"]
+    return run_once("2 processes", 2, phases, before=write_legacy_checkpoint if modern else None)
