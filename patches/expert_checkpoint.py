@@ -48,11 +48,15 @@ class _Layout:
         self.fc1_out = module.weight1.shape[1] // self.experts   # F' per rank
         self.fc2_in = module.weight2.shape[0] // self.experts    # F per rank
         self.glu = bool(module.config.gated_linear_unit)
+
+    def place(self, module) -> "_Layout":
+        """Where this rank's shard sits (for sharded_state_dict only: needs the process groups)."""
         self.ep_rank, self.ep_size = _group_rank_size(module.ep_group)
         self.tp_rank, self.tp_size = _group_rank_size(module.tp_group)
         self.dp_rank = _expert_dp_rank(module)
         self.first_expert = self.ep_rank * self.experts
         self.global_experts = self.ep_size * self.experts
+        return self
 
     def fc1(self, weight1: torch.Tensor) -> torch.Tensor:
         """[E, F', H]: expert e's linear_fc1.weight (a view of weight1, or of a tensor shaped like it)."""
@@ -193,7 +197,7 @@ def sharded_state_dict(module, prefix: str = "", sharded_offsets=(), metadata=No
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
-    layout = _Layout(module)
+    layout = _Layout(module).place(module)
     singleton = bool((metadata or {}).get("singleton_local_shards", False))
     geometry = _ExpertShards(layout, tuple(sharded_offsets), singleton)
     weight_replica = (0, 0, layout.dp_rank)  # TP-sharded weights: TP coordinate 0; replicas over expert DP
