@@ -256,7 +256,7 @@ def interchange_phase(workdir):
         load_dist(model2, opt2, path)
         problems = compare_named(sequential_named_state(model2, opt2), saved, "after load")
         resumed = [train_step(ddp2, opt2, step) for step in range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER)]
-        problems += compare_losses(resumed, uninterrupted, "resumed")
+        problems = compare_losses(resumed, uninterrupted, "resumed") + problems  # losses first: the report keeps 6
         results.append((f"torch_dist {direction}: weights, Adam moments, next losses", problems))
         models[saver_grouped] = (model, opt)
 
@@ -317,7 +317,7 @@ def legacy_read_phase(workdir):
         problems = compare_named(sequential_named_state(model, opt), expected["state"], "after load")
         losses[grouped] = [train_step(ddp, opt, step) for step in range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER)]
         # Another megatron-core computes the same model: the writer's own next losses, to fp32 rounding.
-        problems += compare_losses(losses[grouped], expected["losses"], f"{name} after {writer}", rtol=1e-5)
+        problems = compare_losses(losses[grouped], expected["losses"], f"{name} after {writer}", rtol=1e-5) + problems
         results.append((f"{writer} checkpoint -> {name}: weights, Adam moments, next losses", problems))
     return results
 
