@@ -211,8 +211,9 @@ def compare_named(got, want, what) -> list[str]:
 
 
 def compare_losses(got, want, what, rtol=1e-5) -> list[str]:
-    """fp32, the same math in another summation order: a few ulps per step; a resume without the
-    optimizer state (Adam restarting) moves the loss by > 1e-3 here."""
+    """fp32, the same math in another summation order: a few ulps per step. The first loss after a
+    load depends on the weights only, the second on the Adam state too: with the moments zeroed
+    after the load it is off by 1.2e-2 relative here (measured)."""
     bad = [f"{what}: loss {a!r} vs uninterrupted {b!r}" for a, b in zip(got, want)
            if not abs(a - b) <= rtol * abs(b)]
     return bad if len(got) == len(want) else [f"{what}: {len(got)} losses vs {len(want)}"]
