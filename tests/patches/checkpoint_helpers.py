@@ -69,7 +69,7 @@ def launch(script: str, nprocs: int, args=(), *, pythonpath=None, timeout=240.0)
 
 
 def init_worker():
-    """In a worker: gloo on 127.0.0.1 with a timeout, the plugin's CPU shim, psutil check."""
+    """In a worker: gloo (MASTER_ADDR=127.0.0.1 from launch) with a 90 s collective timeout."""
     import datetime
 
     import torch.distributed as dist
@@ -122,8 +122,13 @@ def compare_records(got, want) -> list[str]:
 
 
 def _version_in(folder: str):
+    from packaging.version import InvalidVersion, Version
     for info in glob.glob(os.path.join(folder, "megatron_core-*.dist-info")):
-        return tuple(int(x) for x in os.path.basename(info)[len("megatron_core-"):-len(".dist-info")].split(".")[:3])
+        try:
+            release = Version(os.path.basename(info)[len("megatron_core-"):-len(".dist-info")]).release
+        except InvalidVersion:
+            continue
+        return tuple((release + (0, 0, 0))[:3])
     return None
 
 
