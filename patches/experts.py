@@ -19,6 +19,8 @@ import torch
 
 from gmm_plugin.ops import gmm as gmm_ops
 
+from . import expert_checkpoint
+
 # The active GmmPluginConfig; set by patches.apply() before anything here runs.
 state = types.SimpleNamespace(config=None)
 
@@ -148,9 +150,10 @@ def make_grouped_mlp_class():
         """Grouped-GEMM experts on gmm-plugin (megatron-core 0.17+ without Transformer Engine).
 
         Same parameters and layout as the legacy GroupedMLP (weight1 [H, E*F'], weight2
-        [E*F, H]), so a legacy state_dict loads into it, and the same forward as the patched
-        legacy class. Implements Megatron's ExpertsInterface: forward(x, tokens_per_expert,
-        permuted_probs) -> (out, None) and backward_dw().
+        [E*F, H]) and the same forward as the patched legacy class. Checkpoints (state_dict and
+        sharded_state_dict) are SequentialMLP's; a legacy weight1/weight2 state_dict loads too.
+        Implements Megatron's ExpertsInterface: forward(x, tokens_per_expert, permuted_probs) ->
+        (out, None) and backward_dw().
         """
 
         def __init__(self, num_local_experts, config, submodules=None, pg_collection=None, name=None):
@@ -214,15 +217,17 @@ def make_grouped_mlp_class():
         def backward_dw(self):
             """No deferred weight-gradient work: dW is computed (or fused) in backward."""
 
+        # Checkpoints: SequentialMLP's layout, in patches/expert_checkpoint.py.
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            expert_checkpoint.save_to_state_dict(self, destination, prefix, keep_vars)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            expert_checkpoint.load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                                                   missing_keys, unexpected_keys, error_msgs)
+
         def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-            # Megatron's default sharding knows nothing of the expert-parallel (or expert-TP) split:
-            # with either, a distributed checkpoint would be wrong, so refuse instead.
-            if self.ep_group.size() > 1 or self.tp_group.size() > 1:
-                raise NotImplementedError(
-                    "distributed checkpointing (sharded_state_dict) of gmm-plugin's GmmGroupedMLP is "
-                    "supported only without expert parallelism and expert tensor parallelism; use "
-                    "state_dict() checkpoints, or disable the plugin for this run.")
-            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+            return expert_checkpoint.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     return GmmGroupedMLP
 
