@@ -8,10 +8,7 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # torch first and pinned: the local CPU wheel. A bare 'torch' requirement would pull a CUDA build.
 $PIP install torch==2.13.0
-$PIP install -e ".[megatron,test]"
-# psutil: megatron.training's torch_dist saving hangs without it (tests/patches/test_megatron_training.py);
-# the rest of the megatron-lm extra is for running Megatron-LM's own pretrain_gpt.py (triton: ~1 GB).
-$PIP install psutil
+$PIP install -e ".[megatron,test]"   # the test extra has psutil: torch_dist saving hangs without it
 
 # Megatron-core version matrix for tests/patches: every version of MCORE_MATRIX other than the one
 # in .venv goes to .mcore/<version> (pip --target, --no-deps: torch, numpy and packaging come from
