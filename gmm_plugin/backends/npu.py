@@ -57,6 +57,7 @@ import torch
 
 from .. import checks
 from ..group_list import Groups
+from ..layout import is_transposed
 
 MAX_GROUPS_PER_CALL = 1024   # groupListOptional "第1维最大支持1024" (single-tensor x/weight/y)
 LAST_DIM_LIMIT = 65536       # "x和weight中每一组tensor的最后一维大小都应小于65536"
@@ -209,21 +210,17 @@ def status(import_module: bool = False) -> str:
 
 # ---- layouts and limits -------------------------------------------------------------------------
 
-def _transposed(t: torch.Tensor) -> bool:
-    """A .transpose(-1, -2) view of a contiguous tensor (aclnn's "转置" layout)."""
-    return t.transpose(-1, -2).is_contiguous()
-
-
 def _as_plain(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _as_plain_or_transposed(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() or _transposed(t) else t.contiguous()
+    return t if t.is_contiguous() or is_transposed(t) else t.contiguous()
 
 
 def _as_transposed(t: torch.Tensor) -> torch.Tensor:
-    return t if _transposed(t) else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    """t with the layout aclnn reads as transposed (its transpose contiguous), copied only if needed."""
+    return t if t.transpose(-1, -2).is_contiguous() else t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _check_sizes(*tensors: torch.Tensor) -> None:
@@ -244,13 +241,10 @@ def _blocks(size: int):
 
 
 def _host_offsets(groups: Groups) -> tuple[int, ...]:
-    """Cumulative end offsets on the host: the caller's host data, else one read of the device data."""
+    """Cumulative end offsets on the host: the caller's host data, else Groups.segments() (its one
+    read of a device-only group_list)."""
     offsets = groups.host_offsets()
-    if offsets is None:
-        segments = getattr(groups, "segments", None)
-        offsets = tuple(end for _, _, end in segments()) if segments else \
-            tuple(groups.safe_offsets(torch.int64).tolist())
-    return offsets
+    return offsets if offsets is not None else tuple(end for _, _, end in groups.segments())
 
 
 def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
@@ -271,12 +265,8 @@ def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
 
 
 def _segments(groups: Groups):
-    """(e, start, end) of every non-empty group, on the host (see _host_offsets)."""
-    start = 0
-    for e, end in enumerate(_host_offsets(groups)):
-        if end > start:
-            yield e, start, end
-        start = max(start, end)
+    """(e, start, end) of every non-empty group, on the host (Groups.segments)."""
+    return [(e, s, t) for e, s, t in groups.segments() if t > s]
 
 
 class _KSplitRejected(Exception):
@@ -358,10 +348,7 @@ class NpuBackend:
     def accumulate_k(self, out, a, b, groups: Groups, *, wgrad_dtype: str) -> None:
         self.grouped_mm_k(a, b, groups, out=out)
 
-    def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups, out: torch.Tensor | None = None):
-        if out is not None:  # the interface before accumulate_k (kept until the foundation lands)
-            self.accumulate_k(out, a, b, groups, wgrad_dtype="fp32")
-            return out
+    def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
         torch_npu = load_torch_npu()
         e, p, tokens, n = groups.num_groups, a.shape[0], a.shape[1], b.shape[1]
         _check_sizes(a, b)
@@ -433,7 +420,7 @@ class NpuBackend:
             return False
         if out.is_contiguous():     # out[e] += a[:, seg] @ b[seg]
             target, left, right = out, a.t(), b
-        elif _transposed(out):      # weight was a transposed view: out^T[e] += b[seg]^T @ a^T[seg]
+        elif is_transposed(out):    # weight was a transposed view: out^T[e] += b[seg]^T @ a^T[seg]
             target, left, right = out.transpose(-1, -2), b, a.t()
         else:
             return False

@@ -25,16 +25,17 @@ op-plugin would run. `VARIANTS` are the op-suite variants (tests/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import types
-from typing import Callable, NamedTuple
 
 import torch
 
 from . import cann, kernels, releases
 from .kernels import LAST_DIM_LIMIT, MAX_GROUPS, KernelContractViolation  # noqa: F401
 from .releases import ASCEND950, RELEASES, SOC_VERSIONS  # noqa: F401
+from variants import Variant
 
 calls: list[tuple[str, dict]] = []
 DEFAULT_RELEASE = "7.3.0"   # the torch 2.9.0 build the plugin's requirement names first
@@ -124,41 +125,34 @@ def installed(release: str = DEFAULT_RELEASE, *, soc: str = "Ascend910B3", cann_
 
 # ---- op-suite variants (tests/conftest.py) ---------------------------------------------------------
 
-class Variant(NamedTuple):
-    id: str
-    backend: str
-    enter: Callable[[], contextlib.AbstractContextManager]
-    skip: Callable[[object], str | None] | None
-
-
-# Not applicable on any release by its nature.
 NOT_APPLICABLE = {
     "test_gradcheck_float64": "aclnn GroupedMatmul has no float64 (the public API never passes it)",
 }
+# The full value sweep (384 cases) runs on DEFAULT_RELEASE only; every other release runs the rest of
+# the op suite, and test_npu_releases.py runs each release-specific path (forward, dX, dW, fused add,
+# >1024 groups, transposed weight) and a slice of the same sweep on every release.
+FOCUSED = dict(NOT_APPLICABLE, test_against_reference=(
+    f"the full value sweep runs on torch_npu {DEFAULT_RELEASE}; test_npu_releases.py runs its per-release slice"))
 
 
-def _skip_full(node) -> str | None:
-    return NOT_APPLICABLE.get(getattr(node, "originalname", None))
+@contextlib.contextmanager
+def as_on_an_npu(release: str, **config):
+    """The double of `release` installed, and `fused_wgrad_dtype: auto` resolved as on an NPU (fp32
+    products, the fused kernel's): the stand-in tensors are CPU ones, where auto means "input"."""
+    from gmm_plugin import settings
+    with installed(release, **config):
+        previous = settings.configure(fused_wgrad_dtype="fp32") if settings.configure().fused_wgrad_dtype == "auto" \
+            else None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                settings.configure(previous)
 
 
-def _skip_focused(node) -> str | None:
-    """The full op suite runs on DEFAULT_RELEASE; the others run every test except the big value
-    sweep, of which they keep one dtype per path. Every release-specific path (forward, dX, dW,
-    fused add, >1024 groups, transposed weight) also runs on every release in test_npu_releases.py."""
-    reason = _skip_full(node)
-    if reason:
-        return reason
-    params = getattr(getattr(node, "callspec", None), "params", {})
-    if getattr(node, "originalname", None) == "test_against_reference" and (
-            params.get("dtype") is not torch.bfloat16 or params.get("num_groups") not in (3, 64)):
-        return f"the full value sweep runs on torch_npu {DEFAULT_RELEASE}; this release runs its bf16 subset"
-    return None
-
-
-def _variant(release: str, soc: str = "Ascend910B3", suffix: str = "", cann=None) -> Variant:
-    full = release == DEFAULT_RELEASE and not suffix
-    return Variant(f"npu-{release}{suffix}", "npu", lambda: installed(release, soc=soc, cann_kernels=cann),
-                   _skip_full if full else _skip_focused)
+def _variant(release: str, suffix: str = "", **config) -> Variant:
+    return Variant(f"npu-{release}{suffix}", "npu", functools.partial(as_on_an_npu, release, **config),
+                   NOT_APPLICABLE if release == DEFAULT_RELEASE and not suffix else FOCUSED)
 
 
 VARIANTS = [
@@ -166,6 +160,6 @@ VARIANTS = [
     _variant("7.0.0"),
     _variant("7.1.0"),
     _variant("7.2.0"),
-    _variant("26.0.0", suffix="-a2"),
-    _variant("26.0.0", soc="Ascend950", suffix="-950"),
+    _variant("26.0.0", "-a2"),
+    _variant("26.0.0", "-950", soc="Ascend950"),
 ]
