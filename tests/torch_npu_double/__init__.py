@@ -66,12 +66,13 @@ def _register(release: releases.Release) -> kernels.State:
 
 
 def module(release: str = DEFAULT_RELEASE, *, soc: str = "Ascend910B3",
-           cann_kernels: frozenset[str] | None = None) -> types.ModuleType:
-    """A fake torch_npu of one release on one SoC; the same object for the same arguments."""
+           cann_kernels: frozenset[str] | None = None, fresh: bool = False) -> types.ModuleType:
+    """A fake torch_npu of one release on one SoC; the same object for the same arguments (what the
+    backend learnt about it stays), or with fresh=True a new one (as in a new process)."""
     if release not in RELEASES:
         raise KeyError(f"no torch_npu release {release!r} in the double; known: {', '.join(RELEASES)}")
     key = (release, soc, cann_kernels)
-    if key in _modules:
+    if key in _modules and not fresh:
         return _modules[key]
     rel = RELEASES[release]
     state = _register(rel)
@@ -87,14 +88,16 @@ def module(release: str = DEFAULT_RELEASE, *, soc: str = "Ascend910B3",
     npu.utils = types.ModuleType("torch_npu.npu.utils")
     npu.utils.get_soc_version = lambda: state.soc
     m.npu = npu
-    _modules[key] = m
+    if not fresh:
+        _modules[key] = m
     return m
 
 
 @contextlib.contextmanager
-def installed(release: str = DEFAULT_RELEASE, *, soc: str = "Ascend910B3", cann_kernels: frozenset[str] | None = None):
+def installed(release: str = DEFAULT_RELEASE, *, soc: str = "Ascend910B3", cann_kernels: frozenset[str] | None = None,
+              fresh: bool = False):
     """Stand the double of one release in for torch_npu (sys.modules['torch_npu']) inside the block."""
-    m = module(release, soc=soc, cann_kernels=cann_kernels)
+    m = module(release, soc=soc, cann_kernels=cann_kernels, fresh=fresh)
     state = _states[release]
     saved_state = (state.soc, set(state.cann_kernels))
     state.soc = m.double_config["soc"]
@@ -150,16 +153,15 @@ def as_on_an_npu(release: str, **config):
                 settings.configure(previous)
 
 
-def _variant(release: str, suffix: str = "", **config) -> Variant:
-    return Variant(f"npu-{release}{suffix}", "npu", functools.partial(as_on_an_npu, release, **config),
-                   NOT_APPLICABLE if release == DEFAULT_RELEASE and not suffix else FOCUSED)
-
-
-VARIANTS = [
-    _variant("7.3.0"),
-    _variant("7.0.0"),
-    _variant("7.1.0"),
-    _variant("7.2.0"),
-    _variant("26.0.0", "-a2"),
-    _variant("26.0.0", "-950", soc="Ascend950"),
-]
+# variant id -> (release, installed() arguments)
+RELEASE_VARIANTS = {
+    "npu-7.3.0": ("7.3.0", {}),
+    "npu-7.0.0": ("7.0.0", {}),
+    "npu-7.1.0": ("7.1.0", {}),
+    "npu-7.2.0": ("7.2.0", {}),
+    "npu-26.0.0-a2": ("26.0.0", {}),
+    "npu-26.0.0-950": ("26.0.0", {"soc": "Ascend950"}),
+}
+VARIANTS = [Variant(vid, "npu", functools.partial(as_on_an_npu, rel, **config),
+                    NOT_APPLICABLE if vid == f"npu-{DEFAULT_RELEASE}" else FOCUSED)
+            for vid, (rel, config) in RELEASE_VARIANTS.items()]
