@@ -127,7 +127,8 @@ class TorchNpuOps:
             raise RuntimeError(f"torch_npu {self.version} has no npu_grouped_matmul; the npu backend needs "
                                f"{_requirement()}.")
         args = _arguments(gmm)
-        if args is not None and ("group_type" not in args or "Tensor" not in args.get("group_list", "Tensor")):
+        group_list_type = args.get("group_list", "") if args else ""  # "" when only names are known
+        if args is not None and ("group_type" not in args or (group_list_type and "Tensor" not in group_list_type)):
             missing = sorted({"group_type", "group_list_type"} - set(args))
             raise RuntimeError(
                 f"torch_npu {self.version} is too old: its npu_grouped_matmul is the 6.0-era one (aclnnGroupedMatmul "
@@ -354,7 +355,9 @@ class NpuBackend:
         _check_sizes(a, b)
         if tokens == 0 or p == 0 or n == 0:
             return a.new_zeros(e, p, n)
-        if ops_of(torch_npu).k_split is not False and groups.num_groups > 1:
+        if groups.num_groups == 1:  # the kernel rejects a group_list of length 1; the group covers every row
+            return torch.mm(a, b).unsqueeze(0)
+        if ops_of(torch_npu).k_split is not False:
             try:
                 return self._mm_k_kernel(torch_npu, a, b, groups)
             except _KSplitRejected:
