@@ -51,7 +51,7 @@ def test_info_with_the_torch_npu_double(capsys):
     import torch_npu_double
     with torch_npu_double.installed():
         rc, out, _ = run(capsys, "info")
-    assert rc == 0 and "ready: torch_npu 2.9.0+test.double [test double], fusion via npu_grouped_matmul_add_" in out
+    assert rc == 0 and "ready: torch_npu 2.9.0 [test double], group_type 2, fusion via npu_grouped_matmul_add_" in out
 
 
 def test_check_config_ok(capsys, monkeypatch):

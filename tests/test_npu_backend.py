@@ -1,15 +1,16 @@
-"""The npu backend against the torch_npu test double: the exact arguments it passes, every kernel
-limit, device group_list sanitising, torch_npu import hygiene and error messages.
+"""The npu backend against the torch_npu test double (torch_npu 7.3.0, the torch 2.9.0 build, on an
+Atlas A2): the exact arguments it passes, every kernel limit, device group_list sanitising,
+torch_npu import hygiene and error messages. What differs between torch_npu releases is in
+test_npu_releases.py.
 
-The whole op suite (tests/ops, tests/test_fusion.py) also runs through this backend: conftest adds
-"npu" to OP_BACKENDS. These tests pin what those cannot see: the calls themselves.
+The whole op suite (tests/ops, tests/test_fusion.py) also runs through this backend, once per
+release (the double's VARIANTS). These tests pin what those cannot see: the calls themselves.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -28,14 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def npu():
-    """The npu backend forced, on the double, with its call log cleared."""
-    with double.installed():
+    """The npu backend forced, on the double (as on an NPU: fused wgrad in fp32), its call log cleared."""
+    with double.as_on_an_npu(double.DEFAULT_RELEASE), gmm_plugin.settings(backend="npu"):
         double.calls.clear()
-        gmm_plugin.set_backend("npu")
-        try:
-            yield double.calls
-        finally:
-            gmm_plugin.set_backend(None)
+        yield double.calls
 
 
 def kernel_calls(calls, op="npu_grouped_matmul"):
@@ -114,8 +111,9 @@ def test_fusion_calls_grouped_matmul_add_with_cumsum(npu, layout, api):
     y.backward(dy)
     assert [kw["group_type"] for kw in kernel_calls(npu)] == [0]  # dx only: no separate dW product
     (add,) = kernel_calls(npu, "npu_grouped_matmul_add_")
-    assert (add["transpose_x"], add["transpose_weight"], add["group_type"], add["group_list_type"]) == (True, False, 2, 0)
-    assert add["group_list"].tolist() == [3, 3, 10]  # A2/A3 read GMM+ADD's group_list as cumsum only
+    assert (add["transpose_x"], add["transpose_weight"], add["group_type"]) == (True, False, 2)
+    assert "group_list_type" not in add  # 7.3.0's schema has none (test_npu_releases.py: 26.0.0)
+    assert add["group_list"].tolist() == [3, 3, 10]  # aclnnGroupedMatmulAdd reads cumulative sums only
     assert same_memory(add["self"], p.main_grad) and add["self"].shape == shape and add["self"].is_contiguous()
     if layout == "stacked":   # main_grad[e] += x_e^T dy_e
         assert same_memory(add["x"], x) and same_memory(add["weight"], dy)
@@ -125,24 +123,6 @@ def test_fusion_calls_grouped_matmul_add_with_cumsum(npu, layout, api):
     ref = torch.stack([x[s:s + c].double().t() @ dy[s:s + c].double() for s, c in zip([0, 3, 3], counts)])
     got = p.main_grad if layout == "stacked" else p.main_grad.transpose(-1, -2)
     assert torch.allclose(got.double(), ref, rtol=0, atol=1e-3 * ref.abs().max().item())
-
-
-def test_fusion_falls_back_without_the_add_op(monkeypatch):
-    old = double.without_add_op()
-    monkeypatch.setitem(sys.modules, "torch_npu", old)
-    gmm_plugin.set_backend("npu")
-    try:
-        p = torch.nn.Parameter(torch.randn(2, 4, 3, dtype=torch.bfloat16))
-        p.main_grad = torch.ones(2, 4, 3)
-        x = torch.randn(5, 4, dtype=torch.bfloat16, requires_grad=True)
-        double.calls.clear()
-        gmm.npu_gmm_v2(x, p, group_list=torch.tensor([2, 3]), gemm_fusion=True, original_weight=p).sum().backward()
-    finally:
-        gmm_plugin.set_backend(None)
-    assert [name for name, _ in double.calls] == ["npu_grouped_matmul"] * 3  # forward, dx, dW (then added)
-    ref = 1 + torch.stack([x[:2].double().t().sum(1, keepdim=True).expand(4, 3),
-                           x[2:].double().t().sum(1, keepdim=True).expand(4, 3)])
-    assert torch.allclose(p.main_grad.double(), ref, atol=0.05)
 
 
 # ---- kernel limits ------------------------------------------------------------------------------
@@ -321,19 +301,11 @@ def test_missing_torch_npu_is_a_clear_error(monkeypatch):
     assert "torch_npu" in msg and "CANN 8.0.RC3" in msg and "TORCH_DEVICE_BACKEND_AUTOLOAD=0" in msg
 
 
-def test_too_old_torch_npu_is_a_clear_error(monkeypatch):
-    old = types.ModuleType("torch_npu")
-    old.__version__ = "2.1.0"
-
-    def npu_grouped_matmul(x, weight, *, bias=None, group_list=None, split_item=0):  # the 2023 signature
-        raise AssertionError("must not be called")
-
-    old.npu_grouped_matmul = npu_grouped_matmul
-    monkeypatch.setitem(sys.modules, "torch_npu", old)
-    with pytest.raises(RuntimeError, match=r"torch_npu 2\.1\.0 is too old: .*group_list_type, group_type"):
-        npu_backend.load_torch_npu()
-    del old.npu_grouped_matmul
-    with pytest.raises(RuntimeError, match="has no npu_grouped_matmul"):
+def test_a_torch_npu_without_the_op_is_a_clear_error(monkeypatch):
+    bare = double.module("7.3.0", soc="Ascend910B4")  # another module object: its own cache entry
+    monkeypatch.delattr(bare, "npu_grouped_matmul")
+    monkeypatch.setitem(sys.modules, "torch_npu", bare)
+    with pytest.raises(RuntimeError, match=r"torch_npu 2\.9\.0 has no npu_grouped_matmul"):
         npu_backend.load_torch_npu()
 
 
@@ -377,8 +349,9 @@ def gmm_args(**kw):
     (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_type=None), RuntimeError, "Requires manual passing"),
     (torch.randn(4, 3), torch.randn(2, 3, 2), dict(split_item=0), RuntimeError, "split_item 2 or 3"),
     (torch.randn(3, 4).t(), torch.randn(2, 3, 2), {}, RuntimeError, "x must be contiguous"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_type=1), RuntimeError, "must be -1, 0 or 2"),
     (torch.randn(4, 3), torch.randn(2, 6, 2)[:, ::2], {}, RuntimeError, "contiguous or a transposed view"),
-    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=[2, 2]), NotImplementedError, ".List overload"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=[2, 2]), NotImplementedError, "npu_grouped_matmul.List"),
     (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([2, 2], dtype=torch.int32)),
      RuntimeError, "int64"),
     (torch.randn(4, 3), torch.randn(2, 3, 2), dict(group_list=torch.tensor([2, 3])), double.KernelContractViolation,
@@ -394,25 +367,29 @@ def gmm_args(**kw):
      "below 65536"),
     (torch.randn(4, 3), torch.randn(1025, 3, 1), dict(group_list=torch.zeros(1025, dtype=torch.int64)),
      RuntimeError, "at most 1024"),
-    (torch.randn(3, 4), torch.randn(4, 2), dict(group_type=2), RuntimeError, "x transposed"),
+    (torch.randn(3, 4), torch.randn(4, 2), dict(group_type=2), RuntimeError, "x should be transposed"),
+    (torch.randn(4, 3), torch.randn(2, 3, 2), dict(x_dtype=1), RuntimeError, "Unknown keyword argument 'x_dtype'"),
 ])
 def test_double_gmm_rejects(x, w, kw, error, match):
+    """On 7.3.0: the dispatcher's own errors (x_dtype is 26.0.0's), op-plugin's, CANN's, and the
+    silent mishandlings the double turns into KernelContractViolation."""
     with pytest.raises(error, match=match):
-        double.npu_grouped_matmul([x], [w], **gmm_args(**kw))
+        double.module("7.3.0").npu_grouped_matmul([x], [w], **gmm_args(**kw))
 
 
 def test_double_add_op_contract():
+    add_ = double.module("7.3.0").npu_grouped_matmul_add_
     x, dy = torch.randn(5, 4, dtype=torch.bfloat16), torch.randn(5, 3, dtype=torch.bfloat16)
     out = torch.ones(2, 4, 3)
     gl = torch.tensor([2, 5])
-    assert double.npu_grouped_matmul_add_(out, x, dy, gl) is out
+    assert add_(out, x, dy, gl) is out
     ref = 1 + torch.stack([x[:2].double().t() @ dy[:2].double(), x[2:].double().t() @ dy[2:].double()])
     assert torch.allclose(out.double(), ref, atol=1e-5)
-    with pytest.raises(double.KernelContractViolation, match="reads group_list as cumsum"):
-        double.npu_grouped_matmul_add_(out, x, dy, torch.tensor([2, 3]), group_list_type=1)
     with pytest.raises(RuntimeError, match="self must be contiguous"):
-        double.npu_grouped_matmul_add_(torch.ones(2, 3, 4).transpose(-1, -2), x, dy, gl)
+        add_(torch.ones(2, 3, 4).transpose(-1, -2), x, dy, gl)
     with pytest.raises(RuntimeError, match="float16 or both bfloat16"):
-        double.npu_grouped_matmul_add_(out, x.float(), dy.float(), gl)
+        add_(out, x.float(), dy.float(), gl)
     with pytest.raises(double.KernelContractViolation, match="read out of bounds"):
-        double.npu_grouped_matmul_add_(out, x, dy, torch.tensor([2, 6]))
+        add_(out, x, dy, torch.tensor([2, 6]))
+    with pytest.raises(double.KernelContractViolation, match="decreasing"):  # counts [2, 3] read as cumsum: fine,
+        add_(out, x, dy, torch.tensor([3, 2]))                                # [3, 2] is not a cumsum

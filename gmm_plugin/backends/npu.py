@@ -1,68 +1,166 @@
-"""Ascend NPU backend: CANN's aclnn GroupedMatmul kernels through torch_npu.
+"""Ascend NPU backend: CANN's aclnn GroupedMatmul kernels through torch_npu's ops.
 
     grouped_mm   (split M, group_type 0): torch_npu.npu_grouped_matmul([x], [w], group_list=gl,
                  split_item=3, group_type=0, group_list_type=0 | 1)[0]            -> [M, N]
     grouped_mm_k (split K, group_type 2): torch_npu.npu_grouped_matmul([a], [b], group_list=gl,
                  split_item=3, group_type=2, group_list_type=0 | 1)[0]            -> [E, P, N]
-    grouped_mm_k with out (gemm_fusion): torch_npu.npu_grouped_matmul_add_(out, a^T, b, offsets,
-                 transpose_x=True, transpose_weight=False, group_type=2, group_list_type=0)
+    accumulate_k (gemm_fusion):           torch_npu.npu_grouped_matmul_add_(out, a^T, b, gl,
+                 transpose_x=True, transpose_weight=False, group_type=2[, group_list_type=1])
 
-group_list goes to the kernel in the form the caller gave it: npu_gmm_v2's counts as
-group_list_type 1 (no cumsum), npu_gmm's cumulative sums as group_list_type 0. The one exception
-is GMM+ADD: on Atlas A2/A3 torch_npu runs it on aclnnGroupedMatmulAdd, which reads group_list as
-cumulative sums whatever group_list_type says, so fusion gets offsets (one small cumsum on the
-device for v2 counts, as MindSpeed does).
+What the installed torch_npu takes is read once from its ops' schemas (`TorchNpuOps`, cached per
+module), because torch_npu.__version__ is the torch version it was built for, not its release.
+Release by release (op-plugin's op_plugin_functions.yaml and GroupedMatmul*NpuOpApi.cpp at each
+release; docs/npu.md has the table):
+  * 6.0.x: npu_grouped_matmul takes a host int[] group_list, no group_type -> a clear error.
+  * 7.0.0: group_type 2 is accepted but op-plugin allocates a 2-D output, which CANN rejects; no
+    add op -> split-K products are per-expert matmuls (host segment bounds), fusion adds them.
+  * 7.1.0 / 7.2.0 (one schema): 7.1.0 rejects group_type 2 ("group_type currently only support -1
+    and 0"), 7.2.0 runs it: the first split-K call finds out, then the per-expert path or the kernel.
+    npu_grouped_matmul_add_ has no group_list_type and always reads cumulative sums.
+  * 7.3.0: as 7.2.0, split K known to work (it is told apart by its new npu_grouped_matmul_add op).
+  * 26.0.0: npu_grouped_matmul_add_ takes group_list_type, but op-plugin passes it on
+    (aclnnGroupedMatmulAddV2) only on aclnn-only SoCs (Ascend950 and later) whose CANN exports
+    AddV2; elsewhere it runs V1, which reads cumulative sums. The backend asks the same questions
+    (torch_npu.npu.utils.get_soc_version(), the CANN library's exports) and sends counts only then.
 
-The kernel limits are handled here, before any call (facts: aclnnGroupedMatmulV4 and
-torch_npu docs, MindSpeed docs/zh/ops/gmm.md):
+group_list goes to the GMM kernel in the form the caller gave it: npu_gmm_v2's counts as
+group_list_type 1 (no cumsum), npu_gmm's cumulative sums as group_list_type 0. Device group_lists
+arrive sanitised (Groups.counts / safe_offsets: no kernel reads outside x, no row uninitialised).
+
+The kernel limits are handled here, before any call (facts: aclnnGroupedMatmulV4 and torch_npu docs,
+MindSpeed docs/zh/ops/gmm.md):
   * at most 1024 groups per call          -> several calls on consecutive slices of groups
   * a group_list of length 1 (rejected)   -> a plain matmul
   * the innermost dim of x / weight < 65536 -> the work is split into column blocks
   * every dim < 2**31 after 32-byte alignment -> ValueError (cannot be split)
-  * uncovered rows stay uninitialised     -> host group_lists are checked exactly before any
-    kernel runs; device group_lists are sanitised on the device (Groups.counts /
-    safe_offsets) so every row is computed and nothing outside x is read
   * layouts: x contiguous for group_type 0; weight contiguous or a transposed view; for group_type 2
     x a transposed view and weight contiguous; anything else is copied into that layout first.
 
-torch_npu is imported lazily, on first use: `import gmm_plugin` never imports it.
+Host reads: none when the caller's group_list is host data (the dispatcher's tokens_per_expert).
+A group_list that lives only on the device is read back once (Groups.segments) only where the work
+must be cut at group bounds on the host: more than 1024 groups, or split K / fusion on 7.0.0-7.1.0.
+
+torch_npu is imported lazily, on first use: `import gmm_plugin` never imports torch_npu.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
 import importlib.metadata
 import inspect
+import os
 import sys
+import weakref
 
 import torch
 
 from .. import checks
 from ..group_list import Groups
+from ..layout import is_transposed
 
 MAX_GROUPS_PER_CALL = 1024   # groupListOptional "第1维最大支持1024" (single-tensor x/weight/y)
 LAST_DIM_LIMIT = 65536       # "x和weight中每一组tensor的最后一维大小都应小于65536"
 _BLOCK = 32768               # column block used when a last dim reaches LAST_DIM_LIMIT
 _INT32_MAX = 2**31 - 1       # every dim, 32-byte aligned, must stay below it
+_LOOP_ROWS = 4096            # rows per matmul on the per-expert path (bounds its fp32 temporaries)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)  # npu_grouped_matmul_add_: x/weight fp16|bf16, self fp32
-REQUIREMENT = ("torch_npu (Ascend Extension for PyTorch) built for torch {torch}, version 2.9 or newer, "
-               "whose npu_grouped_matmul takes a tensor group_list with group_type and group_list_type, "
-               "on CANN 8.0.RC3 or newer (aclnnGroupedMatmulV4)")
-_TEST_DOUBLE_FLAG = "__gmm_plugin_test_double__"  # set only by tests/torch_npu_double.py
-_checked: dict[int, bool] = {}  # id(torch_npu module) -> it has npu_grouped_matmul_add_
+ASCEND950 = 260              # c10_npu::SocVersion::Ascend950; op-plugin's IsAclnnOnly() is `>= Ascend950`
+REQUIREMENT = ("torch_npu (Ascend Extension for PyTorch) 7.0.0 or newer built for torch {torch} (torch >= 2.9: "
+               "torch_npu 7.3.0 or 26.0.0 and later), whose npu_grouped_matmul takes a tensor group_list with "
+               "group_type and group_list_type, on CANN 8.0.RC3 or newer (aclnnGroupedMatmulV4)")
+_K_SPLIT_REJECTED = "group_type currently only support -1 and 0"  # op-plugin 7.1.0's TORCH_CHECK
+_TEST_DOUBLE_FLAG = "__gmm_plugin_test_double__"  # set only by the test double (tests/torch_npu_double)
 
 
 def _requirement() -> str:
     return REQUIREMENT.format(torch=torch.__version__.split("+")[0])
 
 
-def _arg_names(op) -> set[str] | None:
-    """Argument names of a torch op (OpOverloadPacket) or a Python function; None if unknown."""
-    overloads = getattr(op, "overloads", None)
-    if callable(overloads):
-        return {a.name for name in overloads() for a in getattr(op, name)._schema.arguments}
+# ---- what the installed torch_npu takes ---------------------------------------------------------
+
+def _arguments(op) -> dict[str, str] | None:
+    """{name: type} of an op's default overload (torch_npu's ops are torch.ops.npu packets); for a
+    plain Python function the names only (types ""); None when neither can be read."""
+    schema = getattr(getattr(op, "default", None), "_schema", None)
+    if schema is not None:
+        return {a.name: str(a.type) for a in schema.arguments}
     try:
-        return set(inspect.signature(op).parameters)
+        return {name: "" for name in inspect.signature(op).parameters}
     except (TypeError, ValueError):
         return None
+
+
+@functools.cache
+def cann_exports(kernel: str, ascend_home: str | None) -> bool:
+    """Whether CANN's op libraries export `kernel` and `kernel`GetWorkspaceSize: op-plugin's
+    check_aclnn_kernel_available, narrowed to $ASCEND_HOME_PATH/lib64/libopapi_*.so and libopapi.so
+    (custom-op libraries are not searched). False when nothing can be loaded."""
+    paths = sorted(glob.glob(os.path.join(ascend_home, "lib64", "libopapi_*.so"))) if ascend_home else []
+    paths += [os.path.join(ascend_home, "lib64", "libopapi.so")] if ascend_home else []
+    paths.append("libopapi.so")  # op-plugin dlopens it by name (LD_LIBRARY_PATH from CANN's set_env.sh)
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_LAZY", 1))
+        except OSError:
+            continue
+        if hasattr(lib, kernel) and hasattr(lib, kernel + "GetWorkspaceSize"):
+            return True
+    return False
+
+
+def _soc_version(torch_npu) -> int | None:
+    """The c10_npu::SocVersion number torch_npu reports (what op-plugin's IsAclnnOnly() compares)."""
+    try:
+        return int(torch_npu.npu.utils.get_soc_version())
+    except Exception:  # an older torch_npu without it, or no device: treat as unknown
+        return None
+
+
+class TorchNpuOps:
+    """What one torch_npu module's grouped-matmul ops take (read once, see the module docstring)."""
+
+    def __init__(self, torch_npu):
+        self.version = getattr(torch_npu, "__version__", "?")
+        gmm = getattr(torch_npu, "npu_grouped_matmul", None)
+        if gmm is None:
+            raise RuntimeError(f"torch_npu {self.version} has no npu_grouped_matmul; the npu backend needs "
+                               f"{_requirement()}.")
+        args = _arguments(gmm)
+        group_list_type = args.get("group_list", "") if args else ""  # "" when only names are known
+        if args is not None and ("group_type" not in args or (group_list_type and "Tensor" not in group_list_type)):
+            missing = sorted({"group_type", "group_list_type"} - set(args))
+            raise RuntimeError(
+                f"torch_npu {self.version} is too old: its npu_grouped_matmul is the 6.0-era one (aclnnGroupedMatmul "
+                f"V1: a host int[] group_list{', no ' + ', '.join(missing) if missing else ''}), which cannot take "
+                f"the group_list on the device nor group along K. Upgrade to {_requirement()}, or use "
+                "backend 'aclnn' (gmm-plugin's own binding of CANN's aclnnGroupedMatmulV4).")
+        add = getattr(torch_npu, "npu_grouped_matmul_add_", None)
+        add_args = _arguments(add) if add is not None else None
+        self.add = add is not None
+        # group_type 2: 7.0.0's schema (no tuning_config) allocates a 2-D output for it; 7.1.0 and 7.2.0 share
+        # one schema and only 7.2.0 accepts it (learnt on the first call); 7.3.0 adds npu_grouped_matmul_add.
+        if args is not None and "tuning_config" not in args:
+            self.k_split: bool | None = False
+        elif hasattr(torch_npu, "npu_grouped_matmul_add") or (add_args and "group_list_type" in add_args):
+            self.k_split = True
+        else:
+            self.k_split = None
+        self.add_takes_counts = bool(
+            add_args and "group_list_type" in add_args and (_soc_version(torch_npu) or 0) >= ASCEND950
+            and cann_exports("aclnnGroupedMatmulAddV2", os.environ.get("ASCEND_HOME_PATH")))
+
+    def describe(self) -> str:
+        k = {True: "group_type 2", False: "split K per expert", None: "group_type 2 if accepted"}[self.k_split]
+        if not self.add:
+            fusion = "no npu_grouped_matmul_add_: gemm_fusion computes then adds"
+        else:
+            fusion = "fusion via npu_grouped_matmul_add_ (" + (
+                "counts, AddV2)" if self.add_takes_counts else "cumulative sums)")
+        return f"{k}, {fusion}"
+
+
+_ops_cache: "weakref.WeakKeyDictionary[object, TorchNpuOps]" = weakref.WeakKeyDictionary()
 
 
 def load_torch_npu():
@@ -75,19 +173,16 @@ def load_torch_npu():
             raise ImportError(f"the npu backend needs {_requirement()}; importing torch_npu failed: "
                               f"{type(e).__name__}: {e}. If installing torch_npu without CANN breaks "
                               "`import torch`, set TORCH_DEVICE_BACKEND_AUTOLOAD=0.") from e
-    if id(module) not in _checked:
-        version = getattr(module, "__version__", "?")
-        gmm = getattr(module, "npu_grouped_matmul", None)
-        if gmm is None:
-            raise RuntimeError(f"torch_npu {version} has no npu_grouped_matmul; the npu backend needs "
-                               f"{_requirement()}.")
-        names = _arg_names(gmm)
-        missing = sorted({"group_list", "split_item", "group_type", "group_list_type"} - names) if names else []
-        if missing:
-            raise RuntimeError(f"torch_npu {version} is too old: its npu_grouped_matmul has no "
-                               f"{', '.join(missing)} argument; the npu backend needs {_requirement()}.")
-        _checked[id(module)] = hasattr(module, "npu_grouped_matmul_add_")
+    ops_of(module)
     return module
+
+
+def ops_of(torch_npu) -> TorchNpuOps:
+    try:
+        return _ops_cache[torch_npu]
+    except KeyError:
+        ops = _ops_cache[torch_npu] = TorchNpuOps(torch_npu)
+        return ops
 
 
 def is_test_double(module=None) -> bool:
@@ -110,29 +205,23 @@ def status(import_module: bool = False) -> str:
         module = load_torch_npu()
     except (ImportError, RuntimeError) as e:
         return f"unavailable: {e}"
-    fusion = "fusion via npu_grouped_matmul_add_" if _checked[id(module)] else \
-        "no npu_grouped_matmul_add_: gemm_fusion computes then adds"
     double = " [test double]" if is_test_double(module) else ""
-    return f"ready: torch_npu {getattr(module, '__version__', '?')}{double}, {fusion}"
+    return f"ready: torch_npu {getattr(module, '__version__', '?')}{double}, {ops_of(module).describe()}"
 
 
 # ---- layouts and limits -------------------------------------------------------------------------
-
-def _transposed(t: torch.Tensor) -> bool:
-    """A .transpose(-1, -2) view of a contiguous tensor (aclnn's "转置" layout)."""
-    return t.transpose(-1, -2).is_contiguous()
-
 
 def _as_plain(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _as_plain_or_transposed(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() or _transposed(t) else t.contiguous()
+    return t if t.is_contiguous() or is_transposed(t) else t.contiguous()
 
 
 def _as_transposed(t: torch.Tensor) -> torch.Tensor:
-    return t if _transposed(t) else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    """t with the layout aclnn reads as transposed (its transpose contiguous), copied only if needed."""
+    return t if t.transpose(-1, -2).is_contiguous() else t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _check_sizes(*tensors: torch.Tensor) -> None:
@@ -152,28 +241,37 @@ def _blocks(size: int):
     return [(i, min(i + _BLOCK, size)) for i in range(0, size, _BLOCK)]
 
 
+def _host_offsets(groups: Groups) -> tuple[int, ...]:
+    """Cumulative end offsets on the host: the caller's host data, else Groups.segments() (its one
+    read of a device-only group_list)."""
+    offsets = groups.host_offsets()
+    return offsets if offsets is not None else tuple(end for _, _, end in groups.segments())
+
+
 def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
     """(g0, g1, start, end, group_list) per kernel call, at most MAX_GROUPS_PER_CALL groups each.
 
     One call (the usual case) passes gl untouched. More groups than one call takes need the
-    group boundaries on the host: for a device group_list that is one host read, only then.
+    group boundaries on the host (for a device group_list that is its one read back).
     """
     e = groups.num_groups
     if e <= MAX_GROUPS_PER_CALL:
         yield 0, e, 0, groups.total, gl
         return
-    offsets = groups.host_offsets()
-    if offsets is None:
-        offsets = tuple(groups.safe_offsets(torch.int64).tolist())
+    offsets = _host_offsets(groups)
     for g0 in range(0, e, MAX_GROUPS_PER_CALL):
         g1 = min(g0 + MAX_GROUPS_PER_CALL, e)
         start = offsets[g0 - 1] if g0 else 0
-        end = offsets[g1 - 1]
-        if gl_cumsum:
-            part = torch.tensor([o - start for o in offsets[g0:g1]], dtype=torch.int64, device=gl.device)
-        else:
-            part = gl[g0:g1]
-        yield g0, g1, start, end, part
+        yield g0, g1, start, offsets[g1 - 1], (gl[g0:g1] - start if gl_cumsum else gl[g0:g1])
+
+
+def _segments(groups: Groups):
+    """(e, start, end) of every non-empty group, on the host (Groups.segments)."""
+    return [(e, s, t) for e, s, t in groups.segments() if t > s]
+
+
+class _KSplitRejected(Exception):
+    """torch_npu 7.1.0 turned group_type 2 down: take the per-expert path instead."""
 
 
 class NpuBackend:
@@ -183,8 +281,9 @@ class NpuBackend:
         # CPU tensors only stand in for NPU ones under the test double of torch_npu.
         return device.type == "npu" or (device.type == "cpu" and is_test_double())
 
-    # group_list exactly as the caller gave it when it was checked on the host; a device one sanitised
-    def _group_list(self, groups: Groups) -> tuple[torch.Tensor, int]:
+    @staticmethod
+    def _group_list(groups: Groups) -> tuple[torch.Tensor, int]:
+        """The group_list in the caller's form (exact host data, or sanitised device data) and its type."""
         if groups.cumsum:
             return groups.safe_offsets(torch.int64), 0
         return groups.counts(), 1
@@ -192,15 +291,18 @@ class NpuBackend:
     @staticmethod
     def _call(torch_npu, x, w, gl, group_type, gl_type):
         checks.check_devices(x, weight=w, group_list=gl)
+        ops = ops_of(torch_npu)
         try:
-            return torch_npu.npu_grouped_matmul([x], [w], group_list=gl, split_item=3, group_type=group_type,
-                                                group_list_type=gl_type)[0]
+            y = torch_npu.npu_grouped_matmul([x], [w], group_list=gl, split_item=3, group_type=group_type,
+                                             group_list_type=gl_type)[0]
         except RuntimeError as e:
-            if "group_type" in str(e) and group_type == 2:
-                raise RuntimeError(f"torch_npu {getattr(torch_npu, '__version__', '?')} rejected group_type=2 "
-                                   f"(grouping along K, used for weight gradients); the npu backend needs "
-                                   f"{_requirement()} and group_type 2 support. Kernel error: {e}") from e
+            if group_type == 2 and ops.k_split is None and _K_SPLIT_REJECTED in str(e):
+                ops.k_split = False
+                raise _KSplitRejected() from e
             raise
+        if group_type == 2 and ops.k_split is None:
+            ops.k_split = True
+        return y
 
     # ---- split M (group_type 0) --------------------------------------------------------------
 
@@ -242,39 +344,39 @@ class NpuBackend:
                 y[s:t] = self._call(torch_npu, x[s:t], w[g0:g1], part, 0, gl_type)
         return y
 
-    # ---- split K (group_type 2), optionally accumulating into out ----------------------------
+    # ---- split K (group_type 2) ----------------------------------------------------------------
 
     def accumulate_k(self, out, a, b, groups: Groups, *, wgrad_dtype: str) -> None:
         self.grouped_mm_k(a, b, groups, out=out)
 
-    def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups, out: torch.Tensor | None = None):
+    def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
         torch_npu = load_torch_npu()
         e, p, tokens, n = groups.num_groups, a.shape[0], a.shape[1], b.shape[1]
         _check_sizes(a, b)
-        if out is not None:
-            checks.check_devices(a, weight=b, out=out)
         if tokens == 0 or p == 0 or n == 0:
-            return a.new_zeros(e, p, n) if out is None else out
-        if out is not None and self._fuse(torch_npu, a, b, groups, out):
-            return out
+            return a.new_zeros(e, p, n)
+        if groups.num_groups == 1:  # the kernel rejects a group_list of length 1; the group covers every row
+            return torch.mm(a, b).unsqueeze(0)
+        if ops_of(torch_npu).k_split is not False:
+            try:
+                return self._mm_k_kernel(torch_npu, a, b, groups)
+            except _KSplitRejected:
+                pass
+        return self._mm_k_per_expert(a, b, groups)
+
+    def _mm_k_kernel(self, torch_npu, a, b, groups):
         gl, gl_type = self._group_list(groups)
-        p_blocks, n_blocks = _blocks(p), _blocks(n)
-        if out is None and len(p_blocks) == 1 and len(n_blocks) == 1:
+        p_blocks, n_blocks = _blocks(a.shape[0]), _blocks(b.shape[1])
+        if len(p_blocks) == 1 and len(n_blocks) == 1:
             return self._mm_k_groups(torch_npu, _as_transposed(a), _as_plain(b), groups, gl, gl_type)
-        result = a.new_empty(e, p, n) if out is None else out
+        result = a.new_empty(groups.num_groups, a.shape[0], b.shape[1])
         for p0, p1 in p_blocks:
             for n0, n1 in n_blocks:
-                part = self._mm_k_groups(torch_npu, _as_transposed(a[p0:p1]), _as_plain(b[:, n0:n1]),
-                                         groups, gl, gl_type)
-                if out is None:
-                    result[:, p0:p1, n0:n1] = part
-                else:  # no fused kernel for this case: one block-sized temporary at a time
-                    result[:, p0:p1, n0:n1].add_(part.to(out.dtype))
+                result[:, p0:p1, n0:n1] = self._mm_k_groups(torch_npu, _as_transposed(a[p0:p1]),
+                                                            _as_plain(b[:, n0:n1]), groups, gl, gl_type)
         return result
 
     def _mm_k_groups(self, torch_npu, a, b, groups, gl, gl_type):
-        if groups.num_groups == 1:  # length-1 group_list: a plain matmul
-            return torch.mm(a, b).unsqueeze(0)
         if groups.num_groups <= MAX_GROUPS_PER_CALL:
             return self._call(torch_npu, a, b, gl, 2, gl_type)
         result = a.new_empty(groups.num_groups, a.shape[0], b.shape[1])
@@ -287,21 +389,67 @@ class NpuBackend:
                 result[g0:g1] = self._call(torch_npu, a[:, s:t], b[s:t], part, 2, gl_type)
         return result
 
-    def _fuse(self, torch_npu, a, b, groups, out) -> bool:
+    @staticmethod
+    def _mm_k_per_expert(a, b, groups):
+        """Split K without the grouped kernel (7.0.0, 7.1.0): one matmul per non-empty expert."""
+        result = a.new_zeros(groups.num_groups, a.shape[0], b.shape[1])
+        for e, s, t in _segments(groups):
+            result[e] = torch.mm(a[:, s:t], b[s:t])
+        return result
+
+    # ---- out[e] += a[:, seg e] @ b[seg e] (gemm_fusion) -----------------------------------------
+
+    def accumulate_k(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: Groups, *,
+                     wgrad_dtype: str) -> None:
+        torch_npu = load_torch_npu()
+        _check_sizes(a, b)
+        checks.check_devices(a, weight=b, out=out)
+        if a.shape[1] == 0 or a.shape[0] == 0 or b.shape[1] == 0:
+            return
+        ops = ops_of(torch_npu)
+        if wgrad_dtype == "fp32" and self._fuse(torch_npu, ops, a, b, groups, out):
+            return
+        if ops.k_split is not False and (wgrad_dtype == "input" or a.dtype == torch.float32):
+            # The grouped kernel's product in a's dtype (float32 accumulation, one rounding), then the add:
+            # one temporary of out's shape in a's dtype.
+            out.add_(self.grouped_mm_k(a, b, groups))
+            return
+        self._accumulate_per_expert(out, a, b, groups, fp32=wgrad_dtype == "fp32")
+
+    def _fuse(self, torch_npu, ops, a, b, groups, out) -> bool:
         """GMM+ADD straight into out (main_grad) when the kernel takes this case; False otherwise."""
-        if not _checked.get(id(torch_npu)) or a.dtype not in _FUSED_DTYPES or b.dtype != a.dtype \
-                or out.dtype != torch.float32 or a.shape[0] >= LAST_DIM_LIMIT or b.shape[1] >= LAST_DIM_LIMIT:
+        if not ops.add or a.dtype not in _FUSED_DTYPES or b.dtype != a.dtype or out.dtype != torch.float32 \
+                or a.shape[0] >= LAST_DIM_LIMIT or b.shape[1] >= LAST_DIM_LIMIT:
             return False
         if out.is_contiguous():     # out[e] += a[:, seg] @ b[seg]
             target, left, right = out, a.t(), b
-        elif _transposed(out):      # weight was a transposed view: out^T[e] += b[seg]^T @ a^T[seg]
+        elif is_transposed(out):    # weight was a transposed view: out^T[e] += b[seg]^T @ a^T[seg]
             target, left, right = out.transpose(-1, -2), b, a.t()
         else:
             return False
-        offsets = groups.safe_offsets(torch.int64)
-        checks.check_devices(left, weight=right, group_list=offsets, out=target)
-        for g0, g1, s, t, part in _chunks(groups, offsets, True):
+        if ops.add_takes_counts and not groups.cumsum:
+            gl, extra = groups.counts(), {"group_list_type": 1}
+        else:  # aclnnGroupedMatmulAdd (V1) reads cumulative sums, whatever group_list_type says
+            gl, extra = groups.safe_offsets(torch.int64), {}
+        checks.check_devices(left, weight=right, group_list=gl, out=target)
+        for g0, g1, s, t, part in _chunks(groups, gl, not extra):
             if t > s:
                 torch_npu.npu_grouped_matmul_add_(target[g0:g1], left[s:t], right[s:t], part, transpose_x=True,
-                                                  transpose_weight=False, group_type=2, group_list_type=0)
+                                                  transpose_weight=False, group_type=2, **extra)
         return True
+
+    @staticmethod
+    def _accumulate_per_expert(out, a, b, groups, *, fp32: bool):
+        """out[e] += a[:, seg] @ b[seg], one expert at a time: float32 products (fp32) rounded once into
+        out, or a product in a's dtype then the add; temporaries bounded by _LOOP_ROWS rows."""
+        for e, s, t in _segments(groups):
+            if not fp32:
+                out[e].add_(torch.mm(a[:, s:t], b[s:t]))
+                continue
+            in_place = out.dtype == torch.float32
+            acc = out[e] if in_place else torch.zeros(out.shape[1:], dtype=torch.float32, device=out.device)
+            for lo in range(s, t, _LOOP_ROWS):
+                hi = min(lo + _LOOP_ROWS, t)
+                acc.addmm_(a[:, lo:hi].float(), b[lo:hi].float())
+            if not in_place:
+                out[e].add_(acc)
