@@ -21,12 +21,43 @@ from dataclasses import dataclass, field
 
 from ._patching import PatchSet
 
-__all__ = ["apply", "revert", "is_applied", "add_arguments", "config_from_args", "PatchReport",
-           "UnsupportedMegatronVersion", "megatron_version", "grouped_mlp_class", "SUPPORTED"]
+__all__ = ["apply", "revert", "is_applied", "active_config", "add_arguments", "config_from_args", "PatchReport",
+           "UnsupportedMegatronVersion", "megatron_version", "version_rules", "VersionRules", "grouped_mlp_class",
+           "SUPPORTED"]
 
 logger = logging.getLogger("gmm_plugin.patches")
+# megatron-core, version by version: what the experts patch must do the way Megatron does it.
+# The one table of version facts; everything else asks version_rules(). (Checked in the
+# NVIDIA/Megatron-LM history and the 0.12.1 / 0.16.1 / 0.19.2 sources.)
 SUPPORTED = ((0, 12), (0, 20))  # [0.12.0, 0.20.0)
-_MODERN = (0, 17)                # GroupedMLP was removed in 0.17.0
+_MODERN = (0, 17)                # GroupedMLP and grouped_gemm_util removed (2caa681a1d, 0.17.0)
+_TP_ATTRIBUTES_ALWAYS = (0, 18)  # Column/RowParallelLinear set tensor_model_parallel, partition_dim and
+                                 # partition_stride also when perform_initialization=False (a72c0278e6)
+_EXPERT_PGS_WHEN_ETP_DIFFERS = (0, 19)  # expert weights allreduce=False also when ETP != TP, so DDP
+                                        # reduces them over expert DP (cd4afffa64); before: only EP > 1
+
+
+@dataclass(frozen=True)
+class VersionRules:
+    """What the installed megatron-core does with its own experts (see the table above)."""
+    version: tuple[int, int, int]
+    legacy_grouped_mlp: bool          # GroupedMLP + grouped_gemm_util exist (<= 0.16): patched in place
+    tp_attributes_always: bool        # TP attributes whatever perform_initialization says (>= 0.18)
+    expert_pgs_when_etp_differs: bool  # allreduce = not (EP > 1 or ETP != TP) (>= 0.19), else not EP > 1
+
+    def expert_allreduce(self, config) -> bool:
+        """The `allreduce` attribute of an expert weight: False puts it in DDP's expert-parallel
+        buffers (reduced over expert DP), True in the dense ones (reduced over DP)."""
+        expert_pgs = config.expert_model_parallel_size > 1
+        if self.expert_pgs_when_etp_differs:
+            expert_pgs = expert_pgs or config.expert_tensor_parallel_size != config.tensor_model_parallel_size
+        return not expert_pgs
+
+
+def version_rules(version: tuple[int, int, int] | None = None) -> VersionRules:
+    """The rules for `version` (default: the installed megatron-core)."""
+    v = tuple(megatron_version() if version is None else version)
+    return VersionRules(v, v[:2] < _MODERN, v[:2] >= _TP_ATTRIBUTES_ALWAYS, v[:2] >= _EXPERT_PGS_WHEN_ETP_DIFFERS)
 
 
 class UnsupportedMegatronVersion(RuntimeError):
@@ -124,7 +155,7 @@ def _modern_targets():
 
 def _patch_experts(version, patches: PatchSet) -> tuple[str, list[str], str | None]:
     from . import experts as ex
-    if version[:2] < _MODERN:
+    if version_rules(version).legacy_grouped_mlp:
         experts, gg, targets = _legacy_targets()
         mindspeed = _mindspeed_patches(targets)
         if mindspeed:
@@ -156,7 +187,8 @@ _grouped_cls = None
 
 
 def grouped_mlp_class():
-    """GmmGroupedMLP for the installed megatron-core (0.17+ path; usable in a custom spec too)."""
+    """GmmGroupedMLP for the installed megatron-core 0.17+, for a custom spec too: it needs no
+    apply() (it takes active_config() when built; the CPU shim is apply()'s alone)."""
     global _grouped_cls
     if _grouped_cls is None:
         from .experts import make_grouped_mlp_class
@@ -172,12 +204,12 @@ def _want_shim(cfg) -> bool:
 def apply(config=None) -> PatchReport:
     """Patch Megatron-core's experts per config (a GmmPluginConfig, YAML path, mapping or None).
 
-    Idempotent: a second call only switches to the new config (the experts read it at call time).
+    Idempotent: a second call only switches to the new config (the legacy GroupedMLP's forward
+    reads it at call time; GmmGroupedMLP takes the active config when it is built).
     Raises UnsupportedMegatronVersion (nothing patched) for a megatron-core outside 0.12-0.19.
     """
     global _report, _shim_ours, _settings_before
     from . import cpu_platform
-    from . import experts as ex
 
     cfg = _resolve_config(config)
     if _report is None:
@@ -204,7 +236,6 @@ def apply(config=None) -> PatchReport:
     else:
         first = False
     try:
-        ex.state.config = cfg
         previous = cfg.apply_runtime()
         if first:  # the operator settings are process-wide: revert() puts these back
             _settings_before = previous
@@ -227,11 +258,19 @@ def is_applied() -> bool:
     return _report is not None
 
 
+def active_config():
+    """The GmmPluginConfig of the last apply(), or the defaults (with GMM_PLUGIN_* from the
+    environment) when the plugin is not applied: what the experts take their settings from."""
+    if _report is not None and _report.config is not None:
+        return _report.config
+    from gmm_plugin.config import load_config
+    return load_config()
+
+
 def revert() -> None:
     """Undo apply(): every patched attribute, the runtime settings and our CPU shim."""
     global _report, _shim_ours, _settings_before
     from . import cpu_platform
-    from . import experts as ex
     if _shim_ours:
         cpu_platform.disable()
         _shim_ours = False
@@ -240,7 +279,6 @@ def revert() -> None:
         from gmm_plugin import settings
         settings.configure(_settings_before)
         _settings_before = None
-    ex.state.config = None
     _report = None
 
 

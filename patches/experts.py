@@ -1,10 +1,11 @@
 """Megatron-core grouped-MLP experts on gmm-plugin's npu_gmm_v2.
 
 Both expert GEMMs take the dispatcher's tokens_per_expert (per-expert counts) as npu_gmm_v2's
-group_list exactly as they are: no cumsum, no .cpu()/.tolist(); counts on the host while the
-tokens are on an accelerator are moved there with a non-blocking copy. The weights keep the
-legacy GroupedMLP layout (weight1 [H, E*F'], weight2 [E*F, H], seen as [E, H, F'] and
-[E, F, H]), so `main_grad` of the whole parameter is where gemm_fusion accumulates.
+group_list exactly as they are: no cumsum, no .cpu()/.tolist(), no copy (host counts for device
+tokens are the op's host data: gmm_plugin.group_list.Groups); only integer counts other than
+int64 are widened, on their own device. The weights keep the legacy GroupedMLP layout (weight1
+[H, E*F'], weight2 [E*F, H], seen as [E, H, F'] and [E, F, H]), so `main_grad` of the whole
+parameter is where gemm_fusion accumulates.
 
 - megatron-core 0.12-0.16: the legacy `GroupedMLP` keeps its class, constructor and checkpoint
   format; its forward is replaced and `grouped_gemm_util` reports the plugin as the grouped GEMM.
@@ -21,23 +22,35 @@ from gmm_plugin.ops import gmm as gmm_ops
 
 from . import expert_checkpoint
 
-# The active GmmPluginConfig; set by patches.apply() before anything here runs.
-state = types.SimpleNamespace(config=None)
+
+_NARROW_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
-def _counts_on(x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Counts as int64 beside x: host counts (alltoall/allgather dispatchers) for device tokens
-    take a non-blocking H2D copy, never a host sync."""
-    if counts.device != x.device or counts.dtype != torch.int64:
-        counts = counts.to(device=x.device, dtype=torch.int64, non_blocking=True)
-    return counts
+def _counts(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Megatron's counts as npu_gmm_v2's int64 group_list: int64 (every dispatcher) as they are;
+    narrower integers (int32 on some paths) widened on their own device, never a sync. Anything
+    else goes to the op as it is, whose TypeError names group_list."""
+    if isinstance(tokens_per_expert, torch.Tensor) and tokens_per_expert.dtype in _NARROW_INTS:
+        return tokens_per_expert.to(torch.int64)
+    return tokens_per_expert
+
+
+def _plugin_config(module):
+    """GmmGroupedMLP's own config (taken when built); the legacy GroupedMLP follows apply()'s."""
+    cfg = getattr(module, "plugin_config", None)
+    if cfg is None:
+        from . import active_config
+        cfg = active_config()
+    return cfg
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: torch.Tensor,
-                   original_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] times weight [E, K, N] per expert group, with the active config."""
-    cfg = state.config
-    counts = _counts_on(x, tokens_per_expert)
+                   original_weight: torch.Tensor | None = None, cfg=None) -> torch.Tensor:
+    """x [M, K] times weight [E, K, N] per expert group, with cfg (default: patches.active_config())."""
+    if cfg is None:
+        from . import active_config
+        cfg = active_config()
+    counts = _counts(tokens_per_expert)
     kwargs = {}
     if cfg.gemm_fusion and original_weight is not None and getattr(original_weight, "main_grad", None) is not None:
         kwargs = {"gemm_fusion": True, "original_weight": original_weight}
@@ -59,19 +72,20 @@ def experts_forward(module, x, tokens_per_expert, probs, activation):
             raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1.")
         x = (probs.unsqueeze(-1) * x).to(x.dtype)
         probs = torch.ones_like(probs)
+    cfg = _plugin_config(module)
     num_experts, hidden = module.num_local_experts, config.hidden_size
     w1 = module.weight1.view(num_experts, hidden, -1)
     w2 = module.weight2.view(num_experts, -1, hidden)
-    fc1 = grouped_linear(x, w1, tokens_per_expert, module.weight1)
+    fc1 = grouped_linear(x, w1, tokens_per_expert, module.weight1, cfg)
     probs_col = None if probs is None else probs.unsqueeze(-1)
     if getattr(module, "activation_recompute", False):
         module.activation_checkpoint = _checkpoint_without_output(config)
         args = (fc1,) if probs_col is None else (fc1, probs_col)
         h = module.activation_checkpoint.checkpoint(activation, *args)
-        out = grouped_linear(h, w2, tokens_per_expert, module.weight2)
+        out = grouped_linear(h, w2, tokens_per_expert, module.weight2, cfg)
         module.activation_checkpoint.discard_output_and_register_recompute(out)
     else:
-        out = grouped_linear(activation(fc1, probs_col), w2, tokens_per_expert, module.weight2)
+        out = grouped_linear(activation(fc1, probs_col), w2, tokens_per_expert, module.weight2, cfg)
     return out, None
 
 
@@ -102,12 +116,27 @@ def legacy_grouped_mlp_forward(self, permuted_local_hidden_states, tokens_per_ex
 
 
 def legacy_gmm(a, b, batch_sizes, trans_b=False, gemm_fusion=False, original_weight=None):
-    """`grouped_gemm.ops.gmm`-compatible entry (MindSpeed's extra arguments accepted), for code
-    that still calls grouped_gemm_util.ops.gmm: batch_sizes are counts, passed on as counts."""
-    if trans_b:
+    """`grouped_gemm.ops.gmm(a, b, batch_sizes, trans_b=False)` for code that still calls
+    grouped_gemm_util.ops.gmm (MindSpeed's extra arguments accepted).
+
+    The contract of the fork Megatron 0.12-0.16 installs (fanshiqing/grouped_gemm, ops.py and
+    csrc/grouped_gemm.cu): its first check refuses all-zero batch_sizes with "Input batch_sizes
+    should not be all zeros!", before any dtype or shape is looked at (Megatron's own
+    test_gpu_forward_with_no_tokens_allocated expects that message); then batch_sizes are 1-D
+    int64 per-expert counts, a [M, K], b [E, K, N] ([E, N, K] with trans_b). The fork takes host
+    batch_sizes only; device ones are accepted too (the all-zero check is then skipped: it would
+    be a host read), and integer counts other than int64 are widened like the experts' counts.
+    """
+    if not isinstance(batch_sizes, torch.Tensor):
+        raise TypeError(f"batch_sizes must be a 1-D torch.Tensor of per-expert counts, got {type(batch_sizes).__name__}.")
+    if batch_sizes.device.type == "cpu" and not bool(batch_sizes.any()):
+        raise ValueError("Input batch_sizes should not be all zeros!")
+    if not isinstance(trans_b, bool):
+        raise TypeError(f"trans_b must be a bool, got {type(trans_b).__name__}.")
+    if trans_b and isinstance(b, torch.Tensor):
         b = b.transpose(-1, -2)
-    counts = _counts_on(a, batch_sizes)
-    return gmm_ops.npu_gmm_v2(a, b, group_list=counts, gemm_fusion=gemm_fusion, original_weight=original_weight)
+    return gmm_ops.npu_gmm_v2(a, b, group_list=_counts(batch_sizes), gemm_fusion=gemm_fusion,
+                              original_weight=original_weight)
 
 
 legacy_ops = types.SimpleNamespace(gmm=legacy_gmm)
@@ -142,7 +171,8 @@ def _unsupported_options(config) -> list[str]:
 
 def make_grouped_mlp_class():
     """Build GmmGroupedMLP against the installed megatron-core (imported lazily)."""
-    from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu, _initialize_affine_weight_gpu
+    from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_cpu, _initialize_affine_weight_gpu,
+                                                      set_tensor_model_parallel_attributes)
     from megatron.core.tensor_parallel.utils import divide
     from megatron.core.transformer.module import MegatronModule
 
@@ -157,7 +187,10 @@ def make_grouped_mlp_class():
         """
 
         def __init__(self, num_local_experts, config, submodules=None, pg_collection=None, name=None):
+            from . import active_config, version_rules
             super().__init__(config=config)
+            self.plugin_config = active_config()  # its settings from now on, apply()'d or not
+            rules = version_rules()
             bad = _unsupported_options(config)
             if bad:
                 raise ValueError("gmm-plugin grouped experts do not support: " + ", ".join(bad) +
@@ -180,6 +213,10 @@ def make_grouped_mlp_class():
             device = None if config.use_cpu_initialization else torch.cuda.current_device()
             self.weight1 = torch.nn.Parameter(torch.empty(hidden, fc1_part, device=device, dtype=dtype))
             self.weight2 = torch.nn.Parameter(torch.empty(fc2_part, hidden, device=device, dtype=dtype))
+            # Initialised as the legacy GroupedMLP was (whole stacked weights, partition_dim 1 /
+            # 0, stride 1), which also sets the TP attributes; Megatron's expert linears set those
+            # without initialisation too from 0.18 (the grad norm and the optimizer count
+            # tensor_model_parallel shards once per rank).
             if config.perform_initialization:
                 if config.use_cpu_initialization:
                     _initialize_affine_weight_cpu(self.weight1, hidden, fc1_out, fc1_part, partition_dim=1,
@@ -193,9 +230,12 @@ def make_grouped_mlp_class():
                                                   is_expert=True)
                     _initialize_affine_weight_gpu(self.weight2, config.output_layer_init_method,
                                                   partition_dim=0, is_expert=True)
-            # DDP puts parameters without allreduce into the expert-parallel buffers.
+            elif rules.tp_attributes_always:
+                set_tensor_model_parallel_attributes(self.weight1, is_parallel=True, dim=1, stride=1)
+                set_tensor_model_parallel_attributes(self.weight2, is_parallel=True, dim=0, stride=1)
+            # DDP puts parameters without allreduce into the expert-parallel buffers (expert DP).
             for w in (self.weight1, self.weight2):
-                setattr(w, "allreduce", not self.expert_parallel)
+                setattr(w, "allreduce", rules.expert_allreduce(config))
 
         def _activation(self, h, probs=None):
             config = self.config
@@ -240,7 +280,8 @@ def is_sequential_mlp_builder(builder, sequential_cls) -> bool:
 
 def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls):
     """MoELayer.__init__ that builds grouped_cls where moe_grouped_gemm asks for grouped experts
-    but the spec fell back to SequentialMLP. The spec object itself is never modified."""
+    but the spec fell back to SequentialMLP. The spec object itself is never modified. Installed
+    by apply() only while the plugin is enabled."""
     import dataclasses
     import functools
     import inspect
@@ -251,8 +292,7 @@ def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls):
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         config, submodules = bound.arguments.get("config"), bound.arguments.get("submodules")
-        if (state.config is not None and state.config.enabled and config is not None
-                and getattr(config, "moe_grouped_gemm", False) and submodules is not None
+        if (config is not None and getattr(config, "moe_grouped_gemm", False) and submodules is not None
                 and is_sequential_mlp_builder(getattr(submodules, "experts", None), sequential_cls)):
             bound.arguments["submodules"] = dataclasses.replace(submodules, experts=grouped_cls)
         return original_init(*bound.args, **bound.kwargs)

@@ -15,7 +15,11 @@ import argparse
 import os
 import sys
 
-from . import add_arguments, apply, config_from_args
+from . import add_arguments, apply, config_from_args, cpu_platform
+
+# The training script imports megatron.training right after this module; 0.19's uses
+# typing.override, which Python < 3.12 lacks (reference/megatron-lm-cpu.md). Accelerator or not.
+cpu_platform.ensure_typing_override()
 
 _OURS = ("--use-gmm-plugin", "--gmm-plugin-config")
 _ALIAS = "--gemm-gradient-accumulation-fusion"

@@ -24,7 +24,6 @@ import patches  # noqa: E402
 from gmm_plugin import settings  # noqa: E402
 from gmm_plugin.config import ConfigError  # noqa: E402
 from patches import cpu_platform  # noqa: E402
-from patches import experts as ex  # noqa: E402
 from patches import megatron_adaptor  # noqa: E402  (no plugin flags in pytest's argv: nothing applied)
 
 LEGACY = h.version()[:2] < (0, 17)
@@ -83,7 +82,7 @@ def test_apply_twice_is_idempotent():
     patched = snapshot()
     second = patches.apply({"backend": "torch", "group_list_form": "cumsum", "gemm_fusion": False})
     assert second is first and snapshot() == patched  # nothing patched twice
-    assert ex.state.config.group_list_form == "cumsum" and not ex.state.config.gemm_fusion
+    assert patches.active_config().group_list_form == "cumsum" and not patches.active_config().gemm_fusion
     init = moe_layer.MoELayer.__init__
     assert not hasattr(getattr(init, "__wrapped__", None), "__wrapped__"), "MoELayer.__init__ wrapped twice"
     patches.revert()
@@ -224,8 +223,9 @@ def test_adaptor_applies_from_argv_and_strips_its_flags(tmp_path):
 
 def test_import_adaptor_in_a_training_script(tmp_path):
     """The import alone enables the plugin and leaves Megatron a clean argv."""
-    script = ("import sys; import patches.megatron_adaptor as a; "
-              "print('EXPERTS', a.report.experts); print('ARGV', sys.argv[1:])")
+    script = ("import sys, typing; import patches.megatron_adaptor as a; "
+              "print('EXPERTS', a.report.experts); print('ARGV', sys.argv[1:]); "
+              "print('OVERRIDE', callable(getattr(typing, 'override', None)))")
     paths = [ROOT] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     proc = subprocess.run([sys.executable, "-c", script, "--use-gmm-plugin", "--moe-grouped-gemm"],
@@ -233,6 +233,7 @@ def test_import_adaptor_in_a_training_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("EXPERTS legacy GroupedMLP" if LEGACY else "EXPERTS GmmGroupedMLP") in proc.stdout
     assert "ARGV ['--moe-grouped-gemm']" in proc.stdout
+    assert "OVERRIDE True" in proc.stdout  # before the script imports 0.19's megatron.training
 
 
 def test_gemm_fusion_accumulates_into_main_grad_through_the_patch():

@@ -127,21 +127,28 @@ def test_counter_sees_sequential_mlps_tolist(spy):
     assert counter.calls["host read"] >= 1
 
 
-def test_host_counts_for_device_tokens_are_copied_without_blocking(monkeypatch):
-    """Counts on the host and tokens elsewhere ("meta" stands for the accelerator here): the
-    counts are moved with .to(device, non_blocking=True); int32 counts become int64 there."""
+def test_host_counts_for_device_tokens_go_to_the_op_as_they_are(monkeypatch):
+    """Counts on the host and tokens elsewhere ("meta" stands for the accelerator here): int64
+    counts reach npu_gmm_v2 as the same tensor, no copy (the op keeps host counts on the host:
+    gmm_plugin.group_list.Groups); int32 counts are widened to int64 where they are."""
     seen = []
     monkeypatch.setattr(ex.gmm_ops, "npu_gmm_v2",
                         lambda x, w, group_list, **kw: seen.append(group_list) or x.new_empty(x.shape[0], w.shape[-1]))
-    real_to = torch.Tensor.to
-    calls = []
-
-    def to(self, *args, **kwargs):
-        calls.append(kwargs)
-        return real_to(self, *args, **kwargs)
-    monkeypatch.setattr(torch.Tensor, "to", to)
     x = torch.empty(10, 16, device="meta")
     w = torch.empty(4, 16, 8, device="meta")
-    ex.grouped_linear(x, w, torch.tensor([3, 0, 5, 2], dtype=torch.int32))
-    assert seen[0].device.type == "meta" and seen[0].dtype == torch.int64
-    assert calls and calls[0].get("non_blocking") is True
+    counts = torch.tensor([3, 0, 5, 2])
+    ex.grouped_linear(x, w, counts)
+    ex.grouped_linear(x, w, counts.to(torch.int32))
+    assert seen[0] is counts
+    assert seen[1].device.type == "cpu" and seen[1].dtype == torch.int64 and seen[1].tolist() == [3, 0, 5, 2]
+
+
+def test_the_op_takes_host_counts_without_a_device_copy():
+    """What the experts rely on: npu_gmm_v2 accepts the dispatcher's host int64 counts whatever
+    x's device, and float counts are refused with a TypeError naming group_list."""
+    from gmm_plugin import checks
+    x = torch.empty(10, 16, device="meta")
+    checks.check_group_list_type(torch.tensor([3, 0, 5, 2]), cumsum=False, group_type=0)
+    checks.check_devices(x, group_list=torch.tensor([3, 0, 5, 2]))
+    with pytest.raises(TypeError, match="group_list"):
+        ex.grouped_linear(torch.randn(10, 16), torch.randn(4, 16, 8), torch.tensor([3.0, 0.0, 5.0, 2.0]))

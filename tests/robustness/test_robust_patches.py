@@ -19,7 +19,6 @@ pytestmark = pytest.mark.megatron
 import patches  # noqa: E402
 from gmm_plugin import Settings, settings  # noqa: E402
 from patches import cpu_platform  # noqa: E402
-from patches import experts as ex  # noqa: E402
 
 WATCHED = ("megatron.core.transformer.moe", "torch.cuda")
 
@@ -102,8 +101,9 @@ def test_any_apply_revert_sequence_keeps_megatron_consistent(pristine, sequence)
             init = getattr(sys.modules["megatron.core.transformer.moe.moe_layer"].MoELayer.__init__,
                            "__wrapped__", None)
             expect(not hasattr(init, "__wrapped__"), "MoELayer.__init__ wrapped twice")
-            expect(ex.state.config is not None and ex.state.config.backend == cfg["backend"]
-                   and ex.state.config.gemm_fusion == cfg["gemm_fusion"], "the experts do not follow the config")
+            active = patches.active_config()
+            expect(active.backend == cfg["backend"] and active.gemm_fusion == cfg["gemm_fusion"],
+                   "the experts do not follow the config")
             expect(settings.current() == Settings(cfg["backend"], cfg["check_group_list"], cfg["fused_wgrad_dtype"]),
                    "the runtime does not follow the config")
             if cfg["cpu_shim"] == "on":
