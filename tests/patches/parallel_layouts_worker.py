@@ -52,8 +52,12 @@ def layout_name(layout, world):
 # Megatron's own experts
 
 
+LOOP_CALLS = [0]
+
+
 def _loop_gmm(a, b, batch_sizes, trans_b=False):
     """grouped_gemm.ops.gmm as a loop of per-expert matmuls (the test's stand-in for the kernel)."""
+    LOOP_CALLS[0] += 1
     parts = torch.split(a, batch_sizes.tolist())
     return torch.cat([x @ (w.t() if trans_b else w) for x, w in zip(parts, b)])
 
@@ -212,7 +216,10 @@ def layout_case(layout, glu, reference_cls) -> list[str]:
     config, ref, ours = _pair(layout, glu, reference_cls)
     problems = _attributes(ref, ours, "perform_initialization=True")
     counts, x, probs, dy = _tokens(ours.num_local_experts, config.hidden_size)
+    calls = LOOP_CALLS[0]
     want = _step(_ddp(config, ref), counts, x, probs, dy)
+    if LEGACY and x.shape[0] and LOOP_CALLS[0] == calls:
+        problems.append("the reference did not run Megatron's GroupedMLP.forward")
     got = _step(_ddp(config, ours), counts, x, probs, dy)
     for key in want:
         problems += _close(key, got[key], want[key])
