@@ -131,6 +131,8 @@ def legacy_gmm(a, b, batch_sizes, trans_b=False, gemm_fusion=False, original_wei
         raise TypeError(f"batch_sizes must be a 1-D torch.Tensor of per-expert counts, got {type(batch_sizes).__name__}.")
     if batch_sizes.device.type == "cpu" and not bool(batch_sizes.any()):
         raise ValueError("Input batch_sizes should not be all zeros!")
+    if batch_sizes.dtype not in (torch.int64, *_NARROW_INTS):
+        raise TypeError(f"batch_sizes must be int64 per-expert counts, got dtype {batch_sizes.dtype}.")
     if not isinstance(trans_b, bool):
         raise TypeError(f"trans_b must be a bool, got {type(trans_b).__name__}.")
     if trans_b and isinstance(b, torch.Tensor):

@@ -198,3 +198,45 @@ def test_grouped_gemm_util_ops_gmm_is_a_counts_gmm(trans_b):
     got = gg.ops.gmm(a, b, counts, trans_b=trans_b)
     want = gmm_reference(a, w, counts.tolist())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="grouped_gemm_util exists up to 0.16")
+def test_megatron_gmm_with_no_tokens_allocated():
+    """Megatron's own test_grouped_mlp.py::test_gpu_forward_with_no_tokens_allocated (core_v0.12.1
+    to 0.16.1), on the CPU: its GroupedMLP config, then gg.ops.gmm on 0 tokens with float zeros as
+    batch_sizes and weight1.view(E, -1, hidden) (K does not match): grouped_gemm's first check
+    refuses all-zero batch_sizes with this exact message, and Megatron's test accepts only that."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=2,
+                               use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=F.silu, bias_activation_fusion=False, bf16=True,
+                               params_dtype=torch.bfloat16, moe_router_load_balancing_type="sinkhorn",
+                               moe_router_topk=1)
+    experts = h.build_grouped(2, config)
+    w1 = experts.weight1.view(2, -1, 16)
+    hidden_states = torch.rand((0, 16), dtype=torch.bfloat16)
+    with pytest.raises(ValueError) as e:
+        gg.ops.gmm(hidden_states, w1, torch.zeros(2), trans_b=False)
+    assert str(e.value) == "Input batch_sizes should not be all zeros!"
+
+
+@pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="grouped_gemm_util exists up to 0.16")
+def test_grouped_gemm_util_ops_gmm_contract():
+    """After the all-zero check, grouped_gemm's: 1-D integer counts (int64; int32 widened), the
+    shapes checked; a bad argument is a TypeError / ValueError naming it."""
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+    a, b = torch.randn(10, 8), torch.randn(4, 8, 6)
+    counts = torch.tensor(COUNTS[4])
+    torch.testing.assert_close(gg.ops.gmm(a, b, counts.to(torch.int32)), gg.ops.gmm(a, b, counts))
+    with pytest.raises(TypeError, match="batch_sizes"):
+        gg.ops.gmm(a, b, counts.float())
+    with pytest.raises(TypeError, match="batch_sizes"):
+        gg.ops.gmm(a, b, COUNTS[4])
+    with pytest.raises(TypeError, match="trans_b"):
+        gg.ops.gmm(a, b, counts, trans_b=1)
+    with pytest.raises(ValueError, match="K"):
+        gg.ops.gmm(a, b, counts, trans_b=True)
+    with pytest.raises(ValueError, match="group_list"):  # the counts must cover a's rows
+        gg.ops.gmm(a, b, torch.tensor([3, 0, 5, 1]))
