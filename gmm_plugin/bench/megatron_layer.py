@@ -80,7 +80,7 @@ def with_ddp(layer):
 
 def has_legacy_grouped_mlp() -> bool:
     import patches
-    return patches.megatron_version()[:2] < (0, 17)
+    return patches.version_rules().legacy_grouped_mlp
 
 
 def _loop_gmm(a, b, batch_sizes, trans_b=False):

@@ -58,7 +58,7 @@ def _pg_kwargs(cls):
 
 
 def grouped_experts_class():
-    if version()[:2] < (0, 17):
+    if patches.version_rules().legacy_grouped_mlp:
         from megatron.core.transformer.moe.experts import GroupedMLP
         return GroupedMLP
     return patches.grouped_mlp_class()
