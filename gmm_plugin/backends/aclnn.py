@@ -47,7 +47,7 @@ BUILD_DIR_ENV = "GMM_PLUGIN_BUILD_DIR"
 # op-plugin's search order (reference §3), then the libraries of the objects and of the error text.
 _OP_LIBRARIES = ("libcust_opapi.so", "libopapi_*.so", "libopapi.so", "libaclnn_ops_infer.so",
                  "libaclnn_ops_train.so", "libaclnn_math.so", "libnnopbase.so", "libascendcl.so")
-_DOUBLE_SYMBOL = "cann_double_live"  # exported by the test double only
+_DOUBLE_SYMBOL = "cann_double_count"  # exported by the test double only
 _ACL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 27, torch.int64: 9}
 
 

@@ -3,8 +3,8 @@
 `library(*flags)` builds the double once per set of -D flags (CANN_DOUBLE_NO_V5, _NO_V4, _NO_ADD,
 _NO_ADDV2: exports dropped) into a per-process directory and returns its path; `selected(path)`
 points the aclnn backend at it (GMM_PLUGIN_CANN_LIB) for a block and checks on the way out that
-every object the binding created was destroyed and no ownership rule was broken. `live(path)` reads
-the double's own counters. VARIANTS: the op suite through the real binding on the full double (V5
+every object the binding created was destroyed and no ownership rule was broken. `live(path)` and
+`count(path, what)` read the double's own counters. VARIANTS: the op suite through the real binding on the full double (V5
 and AddV2, the binding's default path); the partial-export builds get targeted tests
 (tests/test_aclnn_abi.py), not the whole suite.
 """
@@ -46,11 +46,16 @@ def library(*flags: str) -> str:
     return _built[key]
 
 
-def live(path: str) -> dict[str, int]:
-    """The double's counters: live objects per kind, and ownership/lifetime violations."""
-    fn = ctypes.CDLL(path).cann_double_live
+def count(path: str, what: str) -> int:
+    """One of the double's counters: live objects of a kind, "violations", or an op's successful runs."""
+    fn = ctypes.CDLL(path).cann_double_count
     fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_char_p]
-    return {k: fn(k.encode()) for k in KINDS}
+    return fn(what.encode())
+
+
+def live(path: str) -> dict[str, int]:
+    """Live objects per kind, and ownership/lifetime violations."""
+    return {k: count(path, k) for k in KINDS}
 
 
 @contextlib.contextmanager

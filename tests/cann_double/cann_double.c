@@ -13,7 +13,7 @@
  * behaviour is undocumented instead of guessing it.
  *
  * Build variants drop exports to test the binding's fallbacks: -DCANN_DOUBLE_NO_V5, _NO_V4, _NO_ADD,
- * _NO_ADDV2. cann_double_live() is the double's own (not a CANN name): live objects per kind and the
+ * _NO_ADDV2. cann_double_count() is the double's own (not a CANN name): live objects per kind and the
  * count of ownership/lifetime violations, so a test sees a leak or a double free.
  */
 #include <stdarg.h>
@@ -67,11 +67,14 @@ typedef struct aclOpExecutor {
     bool empty;
 } aclOpExecutor;
 
-static int64_t live_tensors, live_lists, live_arrays, live_executors, violations;
+static int64_t live_tensors, live_lists, live_arrays, live_executors, violations, runs[OP_ADDV2 + 1];
 static char last_error[1024];
 
-/* Objects are never freed, only marked DEAD: a stale handle is then reported, not undefined. */
-int64_t cann_double_live(const char *kind) {
+/* Objects are never freed, only marked DEAD: a stale handle is then reported, not undefined.
+ * cann_double_count(kind): live objects of a kind, "violations", or an op's name: its successful runs. */
+int64_t cann_double_count(const char *kind) {
+    for (int op = OP_V4; op <= OP_ADDV2; op++)
+        if (!strcmp(kind, OP_NAMES[op])) return runs[op];
     if (!strcmp(kind, "aclTensor")) return live_tensors;
     if (!strcmp(kind, "aclTensorList")) return live_lists;
     if (!strcmp(kind, "aclIntArray")) return live_arrays;
@@ -390,6 +393,7 @@ static aclnnStatus run(int op, void *workspace, uint64_t workspaceSize, aclOpExe
     if (s == OK && !executor->empty) s = (op == OP_ADD || op == OP_ADDV2) ? run_add(executor) : run_gmm(executor);
     executor->magic = DEAD;  /* deleted by its run */
     live_executors--;
+    if (s == OK) runs[op]++;
     return s;
 }
 
