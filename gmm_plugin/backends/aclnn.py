@@ -256,7 +256,10 @@ class AclnnBackend(NpuBackend):
 
 
 def status() -> str:
-    """One line for `gmm-plugin info`."""
+    """One line for `gmm-plugin info`; it never builds the binding."""
+    if not glob.glob(os.path.join(_build_dir(), "gmm_plugin_aclnn*.so")):
+        return (f"binding not built yet (built on first use into {_build_dir()}: needs a C++ compiler, ninja, and "
+                f"CANN's libraries or {CANN_LIB_ENV})")
     try:
         return f"ready: {binding().describe()}"
     except ImportError as e:

@@ -147,7 +147,7 @@ void* gmm_aclnn_open(const char* const* paths, int count, char* err, size_t len)
     std::string tried;
     for (int i = 0; i < count; i++) {
         if (void* h = dlopen(paths[i], RTLD_LAZY | RTLD_LOCAL)) lib->handles.push_back(h);
-        else tried += std::string("\n  ") + dlerror();
+        else tried += std::string(tried.empty() ? " " : "; ") + dlerror();
     }
     lib->find(lib->create_tensor, "aclCreateTensor");
     lib->find(lib->create_list, "aclCreateTensorList");
