@@ -5,8 +5,9 @@ The binding (gmm_plugin/csrc/aclnn_gmm.cpp) calls, without torch_npu's ops:
     grouped_mm   (group_type 0): aclnnGroupedMatmulV5 (V4 where V5 is not exported), splitItem 3,
                  groupListType = the caller's form (1: npu_gmm_v2's counts, 0: npu_gmm's cumsums)
     grouped_mm_k (group_type 2): the same op, x a transposed view, y [E, P, N]
-    accumulate_k (gemm_fusion):  aclnnGroupedMatmulAddV2 with the caller's form (aclnnGroupedMatmulAdd,
-                 which reads cumulative sums only, where AddV2 is not exported) into fp32 main_grad
+    accumulate_k (gemm_fusion):  aclnnGroupedMatmulAddV2 with the caller's form into fp32 main_grad where
+                 CANN exports it and (on an NPU) the SoC is Ascend950 or later, op-plugin's rule; else
+                 aclnnGroupedMatmulAdd, which reads cumulative sums only (Groups.safe_offsets)
 
 Everything above the kernel calls is the npu backend's (NpuBackend: the 1024-group and 65536
 inner-axis limits, layouts, one-group calls, the per-expert fallback when no Add op is exported).
@@ -39,7 +40,7 @@ import torch
 from .. import checks
 from ..group_list import Groups
 from ..layout import is_transposed
-from .npu import _FUSED_DTYPES, LAST_DIM_LIMIT, NpuBackend, _as_plain, _chunks
+from .npu import _FUSED_DTYPES, ASCEND950, LAST_DIM_LIMIT, NpuBackend, _as_plain, _chunks, _soc_version
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "aclnn_gmm.cpp")
 CANN_LIB_ENV = "GMM_PLUGIN_CANN_LIB"
@@ -207,6 +208,14 @@ def _import_torch_npu() -> None:
                           f"importing it failed: {type(e).__name__}: {e}") from e
 
 
+def _add_v2_on(device: torch.device) -> bool:
+    """Whether AddV2 may run: op-plugin calls it only on aclnn-only SoCs (Ascend950 and later), so on an NPU
+    that torch_npu reports as older (Atlas A2/A3) the binding keeps to V1 Add; host tensors (the double): yes."""
+    if device.type != "npu":
+        return True
+    return (_soc_version(sys.modules["torch_npu"]) or 0) >= ASCEND950
+
+
 class AclnnBackend(NpuBackend):
     name = "aclnn"
 
@@ -242,13 +251,13 @@ class AclnnBackend(NpuBackend):
             target, left, right = out.transpose(-1, -2), b, a.t()
         else:
             return False
-        if "AddV2" in runtime.exports:  # the caller's form
+        if out.device.type == "npu":
+            _import_torch_npu()
+        if "AddV2" in runtime.exports and _add_v2_on(out.device):  # the caller's form
             gl, gl_type = self._group_list(groups)
-        else:                           # V1 reads cumulative sums
+        else:                                                       # V1 reads cumulative sums
             gl, gl_type = groups.safe_offsets(torch.int64), 0
         checks.check_devices(left, weight=right, group_list=gl, out=target)
-        if left.device.type == "npu":
-            _import_torch_npu()
         for g0, g1, s, t, part in _chunks(groups, gl, gl_type == 0):
             if t > s:
                 runtime.grouped_matmul_add(target[g0:g1], _as_plain(left[s:t]), _as_plain(right[s:t]), part, gl_type)
