@@ -289,3 +289,16 @@ def test_build_prints_one_line_and_names_a_missing_compiler(tmp_path, monkeypatc
             aclnn._compiled()
     finally:
         aclnn._compiled.cache_clear()
+
+
+def test_more_than_1024_groups_go_in_several_calls():
+    """The 1024-group limit is the npu backend's code, shared: two V5 calls, each within the limit."""
+    counts = [1] * 1100
+    path = cann_double.library()
+    with cann_double.selected(path), __import__("gmm_plugin").settings(backend="aclnn"):
+        runs = cann_double.count(path, "aclnnGroupedMatmulV5")
+        x, w = torch.randn(1100, 2), torch.randn(1100, 2, 3)
+        y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor(counts))
+        assert cann_double.count(path, "aclnnGroupedMatmulV5") - runs == 2
+    ref = gmm_reference(x, w, counts)
+    assert (y.double() - ref).abs().max() <= tolerance(torch.float32, 2, ref.abs().max().item())

@@ -81,8 +81,12 @@ def library_paths(environ=os.environ) -> list[str]:
     chosen = environ.get(CANN_LIB_ENV)
     if chosen and os.path.isfile(chosen):
         return [chosen]
-    dirs = [chosen] if chosen else [os.path.join(environ["ASCEND_HOME_PATH"], "lib64")] \
-        if environ.get("ASCEND_HOME_PATH") else []
+    if chosen:
+        dirs = [chosen]
+    elif environ.get("ASCEND_HOME_PATH"):
+        dirs = [os.path.join(environ["ASCEND_HOME_PATH"], "lib64")]
+    else:
+        dirs = []
     paths = []
     for name in _OP_LIBRARIES:
         found = [p for d in dirs for p in sorted(glob.glob(os.path.join(d, name)))]
