@@ -122,7 +122,8 @@ def test_split_m_rules(abi, change, status, text):
     (x, w, gl, y), (xl, wl, glt, yl) = split_m_case(abi)
     if "weight_format" in change or "weight_storage" in change:
         abi.lib.aclDestroyTensorList(wl)
-        wl = abi.listed(abi.tensor(w, fmt=change.pop("weight_format", None), storage=change.pop("weight_storage", None)))
+        fmt, storage = change.pop("weight_format", None), change.pop("weight_storage", None)
+        wl = abi.listed(abi.tensor(w, fmt=fmt, storage=storage))
     if "gl_dtype" in change:
         abi.lib.aclDestroyTensor(glt)
         glt = abi.tensor(gl.to(change.pop("gl_dtype")))
@@ -135,7 +136,8 @@ def test_split_m_rules(abi, change, status, text):
 def test_split_k_wants_x_transposed_by_strides(abi):
     w, gl, y = torch.randn(6, 3), torch.tensor([2, 4]), torch.empty(2, 4, 3)
     for x, status in ((torch.randn(4, 6), PARAM_INVALID), (torch.randn(6, 4).t(), 0)):
-        xl, wl, glt, yl = abi.listed(abi.tensor(x)), abi.listed(abi.tensor(w)), abi.tensor(gl), abi.listed(abi.tensor(y))
+        xl, wl, yl = (abi.listed(abi.tensor(t)) for t in (x, w, y))
+        glt = abi.tensor(gl)
         got, ws, ex = abi.gmm_v4(xl, wl, glt, yl, group_type=2)
         assert got == status, abi.error()
         if status:

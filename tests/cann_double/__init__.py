@@ -4,8 +4,8 @@
 _NO_ADDV2: exports dropped) into a per-process directory and returns its path; `selected(path)`
 points the aclnn backend at it (GMM_PLUGIN_CANN_LIB) for a block and checks on the way out that
 every object the binding created was destroyed and no ownership rule was broken. `live(path)` and
-`count(path, what)` read the double's own counters. VARIANTS: the op suite through the real binding on the full double (V5
-and AddV2, the binding's default path); the partial-export builds get targeted tests
+`count(path, what)` read the double's own counters. VARIANTS: the op suite through the real binding
+on the full double (V5 and AddV2, the binding's path); the partial-export builds get targeted tests
 (tests/test_aclnn_abi.py), not the whole suite.
 """
 from __future__ import annotations
