@@ -17,8 +17,10 @@ import torch
 
 import cann_double
 from gmm_plugin.backends import aclnn
+from gmm_plugin.group_list import Groups
 from gmm_plugin.ops import gmm
 from reference import gmm_reference, tolerance
+from sync_counter import count_host_reads
 
 pytestmark = pytest.mark.skipif(cann_double.CC is None, reason="no C compiler to build the CANN double")
 PARAM_NULLPTR, PARAM_INVALID, INNER = 161001, 161002, 561000
@@ -304,3 +306,28 @@ def test_more_than_1024_groups_go_in_several_calls():
         assert cann_double.count(path, "aclnnGroupedMatmulV5") - runs == 2
     ref = gmm_reference(x, w, counts)
     assert (y.double() - ref).abs().max() <= tolerance(torch.float32, 2, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("flags, reads", [((), 0), (("CANN_DOUBLE_NO_ADD", "CANN_DOUBLE_NO_ADDV2"), 1)],
+                         ids=["full", "no_add"])
+def test_device_only_group_list_is_never_read_back_by_the_kernels(flags, reads):
+    """The binding hands the device group_list to the kernels; only the per-expert fusion (no Add op
+    exported) needs group bounds on the host: one read (Groups.segments)."""
+    counts = torch.tensor([4, 0, 9, 3], device="cpu")  # a device named: device data for the counter
+    x = torch.randn(16, 8, device="cpu", dtype=torch.bfloat16)
+    w = torch.randn(4, 8, 6, device="cpu", dtype=torch.bfloat16)
+    b = torch.randn(16, 6, device="cpu", dtype=torch.bfloat16)
+    out = torch.zeros(4, 8, 6, device="cpu")
+    backend = aclnn.AclnnBackend()
+    with cann_double.selected(cann_double.library(*flags)):
+        groups = Groups(False, counts, 16)
+        with count_host_reads(fallback_ops=(torch._assert_async,)) as seen:
+            y = backend.grouped_mm(x, w, groups)
+            dw = backend.grouped_mm_k(x.t(), b, groups)
+            backend.accumulate_k(out, x.t(), b, groups, wgrad_dtype="fp32")
+    assert seen.total == reads, seen.report()
+    want = gmm_reference(x.t(), b, [4, 0, 9, 3], group_type=2)
+    ref_y = gmm_reference(x, w, [4, 0, 9, 3])
+    assert (y.double() - ref_y).abs().max() <= tolerance(torch.bfloat16, 8, ref_y.abs().max().item())
+    assert (dw.double() - want).abs().max() <= tolerance(torch.bfloat16, 9, want.abs().max().item())
+    assert (out.double() - want).abs().max() <= tolerance(torch.float32, 9, want.abs().max().item())
