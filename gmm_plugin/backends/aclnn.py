@@ -103,6 +103,18 @@ def _build_dir() -> str:
     return os.environ.get(BUILD_DIR_ENV) or default
 
 
+def _put_pip_ninja_on_path() -> None:
+    """pip's ninja (the npu and test extras) sits in the venv's bin, which PATH need not name;
+    cpp_extension runs `ninja` from PATH."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, os.environ.get("PATH")) if p)
+
+
 @functools.cache
 def _compiled() -> ctypes.CDLL:
     """The binding's shared library, built once per source version into the build dir."""
@@ -111,6 +123,7 @@ def _compiled() -> ctypes.CDLL:
     if not shutil.which(compiler):
         raise ImportError(f"the aclnn backend builds its binding ({SOURCE}) on first use and needs a C++ compiler: "
                           f"{compiler!r} (the CXX environment variable, default c++) was not found.")
+    _put_pip_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise ImportError("the aclnn backend builds its binding with torch.utils.cpp_extension, which needs ninja "
                           "(pip install ninja).")
