@@ -350,9 +350,6 @@ class NpuBackend:
 
     # ---- split K (group_type 2) ----------------------------------------------------------------
 
-    def accumulate_k(self, out, a, b, groups: Groups, *, wgrad_dtype: str) -> None:
-        self.grouped_mm_k(a, b, groups, out=out)
-
     def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
         torch_npu = self._runtime()
         e, p, tokens, n = groups.num_groups, a.shape[0], a.shape[1], b.shape[1]
