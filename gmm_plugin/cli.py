@@ -28,7 +28,7 @@ def _info_lines(import_npu: bool = False) -> list[str]:
 
     import gmm_plugin
     from gmm_plugin import settings
-    from gmm_plugin.backends import npu
+    from gmm_plugin.backends import aclnn, npu
     from gmm_plugin.config import ENV_VARS
 
     lines = [f"gmm-plugin     {gmm_plugin.__version__}",
@@ -57,6 +57,7 @@ def _info_lines(import_npu: bool = False) -> list[str]:
     native = "torch._grouped_mm" if hasattr(torch, "_grouped_mm") else "per-group loop (no torch._grouped_mm)"
     lines.append(f"  torch        available on cpu/cuda ({native})")
     lines.append(f"  npu          {npu.status(import_module=import_npu)}")
+    lines.append(f"  aclnn        {aclnn.status()}")
 
     forced = settings.current().backend
     if forced != "auto":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ._patching import PatchSet
+from ._patching import PatchSet, define_missing_te_general_gemm
 
 __all__ = ["apply", "revert", "is_applied", "active_config", "add_arguments", "config_from_args", "PatchReport",
            "UnsupportedMegatronVersion", "megatron_version", "version_rules", "VersionRules", "grouped_mlp_class",
@@ -167,9 +167,7 @@ def _patch_experts(version, patches: PatchSet) -> tuple[str, list[str], str | No
         names = ["megatron.core.transformer.moe.experts.GroupedMLP.forward",
                  "megatron.core.transformer.moe.grouped_gemm_util.{grouped_gemm_is_available,"
                  "assert_grouped_gemm_is_available,ops}"]
-        from megatron.core.transformer.moe import moe_utils
-        if "te_general_gemm" not in vars(moe_utils):  # 0.16.x without TE: NameError in the router
-            patches.set(moe_utils, "te_general_gemm", None)
+        if define_missing_te_general_gemm(patches):
             names.append("megatron.core.transformer.moe.moe_utils.te_general_gemm (missing name -> None)")
         return "legacy GroupedMLP", names, None
     experts, moe_layer, targets = _modern_targets()

@@ -50,3 +50,14 @@ class PatchSet:
                     pass
             else:
                 setattr(owner, name, original)
+
+
+def define_missing_te_general_gemm(patches: PatchSet) -> bool:
+    """megatron-core 0.16.x without Transformer Engine reads `te_general_gemm` in the router's
+    gating linear but never defines it (NameError); None is what its own check expects. Both the
+    plugin's patches and the CPU shim need it, so it lives here. True when it was missing."""
+    from megatron.core.transformer.moe import moe_utils
+    if "te_general_gemm" in vars(moe_utils):
+        return False
+    patches.set(moe_utils, "te_general_gemm", None)
+    return True

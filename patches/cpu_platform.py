@@ -52,7 +52,7 @@ import typing
 
 import torch
 
-from ._patching import PatchSet
+from ._patching import PatchSet, define_missing_te_general_gemm
 
 __all__ = ["enable", "disable", "is_enabled", "accelerator_present", "cuda_literals_on_cpu",
            "enable_training", "training_enabled", "ensure_typing_override"]
@@ -240,7 +240,6 @@ def enable(force: bool = False) -> bool:
 
 
 def _patch_megatron() -> None:
-    import importlib
     for module_name, funcs in _MEGATRON_FUNCS.items():
         try:
             module = importlib.import_module(module_name)
@@ -250,11 +249,7 @@ def _patch_megatron() -> None:
             original = getattr(module, name, None)
             if original is not None:  # also rebinds `from ... import name` copies
                 _patches.replace_everywhere(original, value, ("megatron",))
-    # megatron-core 0.16.x without Transformer Engine never defines this name but reads it in the
-    # router's gating linear (NameError); None is what its own check expects.
-    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    if "te_general_gemm" not in vars(moe_utils):
-        _patches.set(moe_utils, "te_general_gemm", None)
+    define_missing_te_general_gemm(_patches)
 
 
 def disable() -> None:

@@ -281,6 +281,10 @@ class NpuBackend:
         # CPU tensors only stand in for NPU ones under the test double of torch_npu.
         return device.type == "npu" or (device.type == "cpu" and is_test_double())
 
+    # What runs the kernels, and what it takes (the aclnn backend, a subclass, puts its binding here).
+    _runtime = staticmethod(load_torch_npu)
+    _ops = staticmethod(ops_of)
+
     @staticmethod
     def _group_list(groups: Groups) -> tuple[torch.Tensor, int]:
         """The group_list in the caller's form (exact host data, or sanitised device data) and its type."""
@@ -307,7 +311,7 @@ class NpuBackend:
     # ---- split M (group_type 0) --------------------------------------------------------------
 
     def grouped_mm(self, x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
-        torch_npu = load_torch_npu()
+        torch_npu = self._runtime()
         m, k, n = x.shape[0], x.shape[1], w.shape[-1]
         _check_sizes(x, w)
         if m == 0 or n == 0 or k == 0:
@@ -346,18 +350,15 @@ class NpuBackend:
 
     # ---- split K (group_type 2) ----------------------------------------------------------------
 
-    def accumulate_k(self, out, a, b, groups: Groups, *, wgrad_dtype: str) -> None:
-        self.grouped_mm_k(a, b, groups, out=out)
-
     def grouped_mm_k(self, a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
-        torch_npu = load_torch_npu()
+        torch_npu = self._runtime()
         e, p, tokens, n = groups.num_groups, a.shape[0], a.shape[1], b.shape[1]
         _check_sizes(a, b)
         if tokens == 0 or p == 0 or n == 0:
             return a.new_zeros(e, p, n)
         if groups.num_groups == 1:  # the kernel rejects a group_list of length 1; the group covers every row
             return torch.mm(a, b).unsqueeze(0)
-        if ops_of(torch_npu).k_split is not False:
+        if self._ops(torch_npu).k_split is not False:
             try:
                 return self._mm_k_kernel(torch_npu, a, b, groups)
             except _KSplitRejected:
@@ -401,12 +402,12 @@ class NpuBackend:
 
     def accumulate_k(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: Groups, *,
                      wgrad_dtype: str) -> None:
-        torch_npu = load_torch_npu()
+        torch_npu = self._runtime()
         _check_sizes(a, b)
         checks.check_devices(a, weight=b, out=out)
         if a.shape[1] == 0 or a.shape[0] == 0 or b.shape[1] == 0:
             return
-        ops = ops_of(torch_npu)
+        ops = self._ops(torch_npu)
         if wgrad_dtype == "fp32" and self._fuse(torch_npu, ops, a, b, groups, out):
             return
         if ops.k_split is not False and (wgrad_dtype == "input" or a.dtype == torch.float32):
