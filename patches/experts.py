@@ -216,9 +216,9 @@ def make_grouped_mlp_class():
             self.weight1 = torch.nn.Parameter(torch.empty(hidden, fc1_part, device=device, dtype=dtype))
             self.weight2 = torch.nn.Parameter(torch.empty(fc2_part, hidden, device=device, dtype=dtype))
             # Initialised as the legacy GroupedMLP was (whole stacked weights, partition_dim 1 /
-            # 0, stride 1), which also sets the TP attributes; Megatron's expert linears set those
-            # without initialisation too from 0.18 (the grad norm and the optimizer count
-            # tensor_model_parallel shards once per rank).
+            # 0, stride 1), which sets the TP attributes. Without initialisation Megatron's expert
+            # linears set them too from 0.18 (not on 0.17, nor this class there): the grad norm
+            # counts a tensor_model_parallel weight on every TP rank, any other on TP rank 0 only.
             if config.perform_initialization:
                 if config.use_cpu_initialization:
                     _initialize_affine_weight_cpu(self.weight1, hidden, fc1_out, fc1_part, partition_dim=1,
