@@ -112,6 +112,15 @@ def legacy_grouped_mlp_forward(self, permuted_local_hidden_states, tokens_per_ex
             return self.activation_func(h)
         return self.activation_func_with_probs(h, probs)
 
+    if (permuted_local_hidden_states.shape[0] == 0 and isinstance(tokens_per_expert, torch.Tensor)
+            and tokens_per_expert.is_floating_point()):
+        # With no tokens, GroupedMLP never hands its counts to grouped_gemm: it only asserts they
+        # are all zero, whatever their dtype (Megatron's test_gradient_with_no_tokens_allocated
+        # passes float zeros). Only real dispatchers' integer counts reach the GEMMs otherwise.
+        if torch.count_nonzero(tokens_per_expert).item() != 0:
+            raise ValueError("tokens_per_expert must be all zero when no tokens are given, got "
+                             f"{tokens_per_expert.tolist()}.")
+        tokens_per_expert = torch.zeros_like(tokens_per_expert, dtype=torch.int64)
     return experts_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, activation)
 
 

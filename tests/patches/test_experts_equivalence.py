@@ -222,6 +222,31 @@ def test_megatron_gmm_with_no_tokens_allocated():
     assert str(e.value) == "Input batch_sizes should not be all zeros!"
 
 
+@pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="GroupedMLP exists up to 0.16")
+def test_megatron_gradient_with_no_tokens_allocated():
+    """Megatron's own test_grouped_mlp.py::test_gradient_with_no_tokens_allocated (core_v0.12.1 to
+    0.16.1), on the CPU: the patched GroupedMLP on 0 tokens with float zeros as tokens_per_expert
+    (GroupedMLP only asserts they are all zero) gives an empty output and weight gradients (zeros);
+    float counts that are not all zero are refused, naming tokens_per_expert."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=2,
+                               use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=F.silu, bias_activation_fusion=False, bf16=True,
+                               params_dtype=torch.bfloat16, moe_router_load_balancing_type="sinkhorn",
+                               moe_router_topk=1)
+    experts = h.build_grouped(2, config)
+    hidden_states = torch.rand((0, 16), dtype=torch.bfloat16)
+    probs = torch.rand((0,), dtype=torch.float32)
+    out, _ = experts(hidden_states, torch.zeros(2), probs)
+    assert out.shape == (0, 16)
+    out.mean().backward()
+    for w in (experts.weight1, experts.weight2):
+        assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w.grad))
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        experts(hidden_states, torch.tensor([0.0, 1.0]), probs)
+
+
 @pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="grouped_gemm_util exists up to 0.16")
 def test_grouped_gemm_util_ops_gmm_contract():
     """After the all-zero check, grouped_gemm's: 1-D integer counts (int64; int32 widened), the
