@@ -72,8 +72,8 @@ def wrong_expert() -> None:
 
     right = experts.grouped_linear
 
-    def off_by_one(x, weight, tokens_per_expert, original_weight=None):
-        y = right(x, weight, tokens_per_expert, original_weight)
+    def off_by_one(x, weight, tokens_per_expert, *args, **kwargs):
+        y = right(x, weight, tokens_per_expert, *args, **kwargs)
         counts = tokens_per_expert.tolist()
         if len(counts) < 2 or counts[1] == 0:
             return y
