@@ -11,4 +11,4 @@ class Variant:
     id: str                 # the pytest id, e.g. "torch", "npu-7.3.0", "aclnn-v4only"
     backend: str            # the settings' backend name
     enter: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # the test double
-    skip: dict = field(default_factory=dict)  # test name -> why it cannot run on this variant
+    skip: dict = field(default_factory=dict)  # test name -> why this variant does not run it (deselected)
