@@ -1,4 +1,5 @@
 """The CPU platform shim: what it replaces, that it is idempotent, and that disable() restores all."""
+import ctypes
 import importlib.util
 
 import pytest
@@ -233,3 +234,33 @@ def test_data_loader_iterators_leave_the_dropout_stream_alone(training_shim):
     assert it1._base_seed == it2._base_seed  # a fixed private seed: the same on every run
     training_shim.disable()
     assert module.build_pretraining_data_loader is original
+
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mmapped_bytes_while_holding(nbytes: int = 64 << 20) -> int:
+    """How many more bytes glibc holds in mmap'd blocks while a tensor of nbytes is alive."""
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    before = mallinfo2().hblkhd
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    grown = mallinfo2().hblkhd - before
+    del block
+    return grown
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_glibc_keeps_freed_memory_while_on(shim):
+    """A step-sized buffer (64 MB, above glibc's largest mmap threshold) comes from glibc's heap,
+    which keeps freed memory for the next step, while the shim is on; from a fresh mmap, handed
+    back to the kernel on free, before and after (disable() restores glibc's defaults)."""
+    nbytes = 64 << 20
+    assert _mmapped_bytes_while_holding(nbytes) >= nbytes
+    shim.enable()
+    assert _mmapped_bytes_while_holding(nbytes) == 0
+    shim.disable()
+    assert _mmapped_bytes_while_holding(nbytes) >= nbytes
