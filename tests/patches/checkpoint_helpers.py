@@ -77,6 +77,32 @@ def init_worker():
     return dist.get_rank(), dist.get_world_size()
 
 
+def run_cases(label: str, cases) -> int:
+    """In a worker: each (case, problems) of the iterable, agreed over all ranks. Prints "OK label:
+    case" on rank 0 when every rank passed it, "FAIL rank R label: case: problems" on each rank that
+    did not (what launch() collects); returns the number of failed cases."""
+    import torch
+    import torch.distributed as dist
+    rank, failures = dist.get_rank(), 0
+    for case, problems in cases:
+        bad = torch.tensor([len(problems)])
+        dist.all_reduce(bad)
+        failures += int(bad.item() > 0)
+        if problems:
+            print(f"FAIL rank {rank} {label}: {case}: {problems[:6]}", flush=True)
+        elif rank == 0 and bad.item() == 0:
+            print(f"OK {label}: {case}", flush=True)
+    return failures
+
+
+def finish_worker(failures: int) -> None:
+    """In a worker: leave the process group together and exit 1 on any failure."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(1 if failures else 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # sharded state dicts as comparable records
 

@@ -15,32 +15,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main():
     sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), HERE]
-    import torch
-    import torch.distributed as dist
-
     import checkpoint_cases
     import checkpoint_helpers as ch
     import patches
 
     workdir, phases = sys.argv[1], sys.argv[2:]
-    rank, _ = ch.init_worker()
+    ch.init_worker()
     patches.apply({"backend": "torch"})  # the CPU shim (the phases re-apply it with their own settings)
-    failures = 0
     try:
-        for phase in phases:
-            for case, problems in checkpoint_cases.PHASES[phase](workdir):
-                bad = torch.tensor([len(problems)])
-                dist.all_reduce(bad)
-                failures += int(bad.item() > 0)
-                if problems:
-                    print(f"FAIL rank {rank} {phase}: {case}: {problems[:6]}", flush=True)
-                elif rank == 0 and bad.item() == 0:
-                    print(f"OK {phase}: {case}", flush=True)
+        failures = sum(ch.run_cases(phase, checkpoint_cases.PHASES[phase](workdir)) for phase in phases)
     finally:
         patches.revert()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.exit(1 if failures else 0)
+    ch.finish_worker(failures)
 
 
 if __name__ == "__main__":

@@ -229,35 +229,28 @@ def layout_case(layout, glu, reference_cls) -> list[str]:
 
 
 def main():
-    rank, world = ch.init_worker()
+    _, world = ch.init_worker()
     megatron_forward = None
     if LEGACY:
         from megatron.core.transformer.moe.experts import GroupedMLP
         megatron_forward = GroupedMLP.forward  # before apply() replaces it
     patches.apply({"backend": "torch", "gemm_fusion": True})
     reference_cls = _legacy_reference_class(megatron_forward) if LEGACY else None
-    failures = 0
-    try:
+    def cases():
         for layout in LAYOUTS[world]:
             _init_parallel(*layout)
             for glu in (True, False):
-                case = f"{layout_name(layout, world)} glu={glu}"
                 try:
                     problems = layout_case(layout, glu, reference_cls)
                 except Exception as e:  # one layout's error must not hide the others
                     problems = [f"{type(e).__name__}: {e}"]
-                bad = torch.tensor([len(problems)])
-                dist.all_reduce(bad)
-                failures += int(bad.item() > 0)
-                if problems:
-                    print(f"FAIL rank {rank} layouts: {case}: {problems[:6]}", flush=True)
-                elif rank == 0 and bad.item() == 0:
-                    print(f"OK layouts: {case}", flush=True)
+                yield f"{layout_name(layout, world)} glu={glu}", problems
+
+    try:
+        failures = ch.run_cases("layouts", cases())
     finally:
         patches.revert()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.exit(1 if failures else 0)
+    ch.finish_worker(failures)
 
 
 if __name__ == "__main__":
