@@ -200,21 +200,26 @@ def test_grouped_gemm_util_ops_gmm_is_a_counts_gmm(trans_b):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _megatron_test_grouped_mlp():
+    """The GroupedMLP experts of Megatron's own test_grouped_mlp.py (0.12-0.16), on the CPU."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=2,
+                               use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
+                               activation_func=F.silu, bias_activation_fusion=False, bf16=True,
+                               params_dtype=torch.bfloat16, moe_router_load_balancing_type="sinkhorn",
+                               moe_router_topk=1)
+    return h.build_grouped(2, config)
+
+
 @pytest.mark.skipif(h.version()[:2] >= (0, 17), reason="grouped_gemm_util exists up to 0.16")
 def test_megatron_gmm_with_no_tokens_allocated():
     """Megatron's own test_grouped_mlp.py::test_gpu_forward_with_no_tokens_allocated (core_v0.12.1
     to 0.16.1), on the CPU: its GroupedMLP config, then gg.ops.gmm on 0 tokens with float zeros as
     batch_sizes and weight1.view(E, -1, hidden) (K does not match): grouped_gemm's first check
     refuses all-zero batch_sizes with this exact message, and Megatron's test accepts only that."""
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe import grouped_gemm_util as gg
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=2,
-                               use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
-                               activation_func=F.silu, bias_activation_fusion=False, bf16=True,
-                               params_dtype=torch.bfloat16, moe_router_load_balancing_type="sinkhorn",
-                               moe_router_topk=1)
-    experts = h.build_grouped(2, config)
+    experts = _megatron_test_grouped_mlp()
     w1 = experts.weight1.view(2, -1, 16)
     hidden_states = torch.rand((0, 16), dtype=torch.bfloat16)
     with pytest.raises(ValueError) as e:
@@ -228,14 +233,7 @@ def test_megatron_gradient_with_no_tokens_allocated():
     0.16.1), on the CPU: the patched GroupedMLP on 0 tokens with float zeros as tokens_per_expert
     (GroupedMLP only asserts they are all zero) gives an empty output and weight gradients (zeros);
     float counts that are not all zero are refused, naming tokens_per_expert."""
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4, num_moe_experts=2,
-                               use_cpu_initialization=True, add_bias_linear=False, gated_linear_unit=True,
-                               activation_func=F.silu, bias_activation_fusion=False, bf16=True,
-                               params_dtype=torch.bfloat16, moe_router_load_balancing_type="sinkhorn",
-                               moe_router_topk=1)
-    experts = h.build_grouped(2, config)
+    experts = _megatron_test_grouped_mlp()
     hidden_states = torch.rand((0, 16), dtype=torch.bfloat16)
     probs = torch.rand((0,), dtype=torch.float32)
     out, _ = experts(hidden_states, torch.zeros(2), probs)
