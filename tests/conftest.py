@@ -50,6 +50,9 @@ def pytest_terminal_summary(terminalreporter, config):
     for reason, per_variant in getattr(config, "_gmm_variant_deselected", {}).items():
         where = ", ".join(f"{vid} {n}" for vid, n in per_variant.items())
         terminalreporter.write_line(f"deselected op-suite cases ({where}): {reason}")
+    cann_double = sys.modules.get("cann_double")
+    for line in cann_double.summary() if cann_double else ():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(params=OP_BACKENDS)

@@ -77,7 +77,9 @@ class Abi:
 
 @pytest.fixture
 def abi():
-    a = Abi(cann_double.library("CANN_DOUBLE_NO_V5"))  # its own build: these tests break rules on purpose
+    # A build of its own (RULE_TESTS names it; the source has no such switch): these tests break
+    # the rules on purpose, which the summary's violation count of that build then shows.
+    a = Abi(cann_double.library("CANN_DOUBLE_NO_V5", cann_double.RULE_TESTS))
     yield a
     assert {k: v for k, v in a.live().items() if k != "violations"} == dict.fromkeys(cann_double.KINDS[:4], 0)
 

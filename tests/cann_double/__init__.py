@@ -81,6 +81,22 @@ def selected(path: str, *, as_on_an_npu: bool = True):
     assert after == before, f"CANN double objects left alive or rules broken in the block: {after} (was {before})"
 
 
+RULE_TESTS = "CANN_DOUBLE_RULE_TESTS"  # the flag of the build tests/test_aclnn_abi.py breaks rules on
+OPS = ("aclnnGroupedMatmulV4", "aclnnGroupedMatmulV5", "aclnnGroupedMatmulAdd", "aclnnGroupedMatmulAddV2")
+
+
+def summary() -> list[str]:
+    """One line per double built in this process: its live objects and violations at the end (all
+    zero unless something leaked) and the successful runs of each op."""
+    lines = []
+    for flags, path in sorted(_built.items()):
+        state = ", ".join(f"{k} {v}" for k, v in live(path).items())
+        runs = ", ".join(f"{op[len('aclnnGroupedMatmul'):] or 'V1'} {count(path, op)}" for op in OPS)
+        why = " (violations made on purpose by the rule tests)" if RULE_TESTS in flags else ""
+        lines.append(f"CANN double {' '.join(flags) or '(full)'}: live at the end: {state}{why}; runs: {runs}")
+    return lines
+
+
 NOT_APPLICABLE = {
     "test_gradcheck_float64": "aclnn GroupedMatmul has no float64 (the public API never passes it)",
 }
