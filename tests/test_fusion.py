@@ -150,7 +150,8 @@ def input_dtype_wgrad():
 @pytest.mark.parametrize("use_workers", [False, True])
 def test_fused_wgrad_dtype_input_rounds_each_group_once(input_dtype_wgrad, use_workers, monkeypatch):
     """fused_wgrad_dtype "input": each group's gradient comes out of a bf16 GEMM (rounded once)
-    and is added into main_grad. Output rows past one block (K > _BLOCK_ROWS), an empty group."""
+    and is added into main_grad. More output rows than the fp32 path's block (K > _BLOCK_ROWS),
+    an empty group."""
     from gmm_plugin.backends import cpu_workers, torch_backend
     if use_workers:
         # two workers whatever the shapes and thread count (patching torch.get_num_threads instead
