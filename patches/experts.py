@@ -182,6 +182,8 @@ def _unsupported_options(config) -> list[str]:
 
 def make_grouped_mlp_class():
     """Build GmmGroupedMLP against the installed megatron-core (imported lazily)."""
+    import torch.nn.functional as F
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
     from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_cpu, _initialize_affine_weight_gpu,
                                                       set_tensor_model_parallel_attributes)
     from megatron.core.tensor_parallel.utils import divide
@@ -250,6 +252,12 @@ def make_grouped_mlp_class():
 
         def _activation(self, h, probs=None):
             config = self.config
+            if config.bias_activation_fusion and config.gated_linear_unit \
+                    and config.activation_func is F.silu and probs is not None:
+                # Megatron's own experts (TEGroupedMLP, SequentialMLP) fuse SwiGLU with the
+                # probs here: one kernel on a GPU, and their rounding.
+                return weighted_bias_swiglu_impl(h, None, probs,
+                                                 getattr(config, "activation_func_fp8_input_store", False))
             dtype = h.dtype
             if config.gated_linear_unit:
                 gate, up = torch.chunk(h, 2, dim=-1)

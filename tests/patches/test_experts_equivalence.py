@@ -163,6 +163,32 @@ def test_activation_recompute_matches():
         _check(name, a, b, torch.float32)
 
 
+def _autograd_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bias_activation_fusion_matches(dtype):
+    """bias_activation_fusion (Megatron-LM's default with --swiglu): on 0.17+ the plugin's experts
+    use Megatron's fused weighted SwiGLU, as TEGroupedMLP and SequentialMLP do (the legacy class
+    keeps its own activation); outputs and gradients match SequentialMLP's either way."""
+    seq, grouped = _pair(4, True, dtype, bias_activation_fusion=True)
+    counts = torch.tensor(COUNTS[4])
+    x, probs, dy = torch.randn(10, 16).to(dtype), torch.rand(10), torch.randn(10, 16)
+    got, want = _run(grouped, x, counts, probs, dy), _run(seq, x, counts, probs, dy)
+    for name, a, b in zip(("output", "grad x", "grad probs"), got, want):
+        _check(name, a, b, dtype)
+    if not patches.version_rules().legacy_grouped_mlp:
+        assert "WeightedSwiGLUFunctionBackward" in _autograd_nodes(got[0])
+
+
 def test_state_dict_round_trips():
     config = h.make_config(experts=4)
     torch.manual_seed(3)
