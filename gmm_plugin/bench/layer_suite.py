@@ -29,6 +29,10 @@ PLUGIN_AS = {dt: f"gmm-plugin (fused_wgrad_dtype {dt})" for dt in ("fp32", "inpu
 LEGACY = "legacy GroupedMLP (loop gmm)"
 GRADS = {"plain": ".grad", "main_grad": "DDP fp32 main_grad"}
 CPU = torch.device("cpu")
+# Untimed rounds per block, at least: a block's fresh layers grow glibc's heap over their first
+# rounds, and every new heap page costs a page fault on first touch (~11 us per 4 KiB page on the
+# reference VM, a few hundred ms per round): the figure is a training run's steady state.
+LAYER_WARMUP = 3
 
 
 def layer_suite(args) -> tuple[list[Row], str | None]:
@@ -73,7 +77,7 @@ def _rows(args, cfg, ml) -> list[Row]:
             for grads in args.layer_grads:
                 cases, notes, extra = _cases(args, cfg, ml, E, dtype, grads, x, dy)
                 cases = {DENSE: _dense_gemms(routed, H, F, dtype), **cases}
-                samples, peaks = measure(cases, args, CPU)
+                samples, peaks = measure(cases, args, CPU, min_warmup=LAYER_WARMUP)
                 del cases
                 gc.collect()
                 meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",

@@ -55,9 +55,10 @@ def time_cases(cases: dict, repeat: int, warmup: int, device: torch.device) -> d
     return samples
 
 
-def measure(cases: dict, args, device: torch.device) -> tuple[dict, dict]:
-    """Samples of every case, and each one's peak memory unless --no-memory."""
-    samples = time_cases(cases, args.repeat, args.warmup, device)
+def measure(cases: dict, args, device: torch.device, min_warmup: int = 0) -> tuple[dict, dict]:
+    """Samples of every case, and each one's peak memory unless --no-memory; at least
+    min_warmup untimed rounds first."""
+    samples = time_cases(cases, args.repeat, max(args.warmup, min_warmup), device)
     peaks = {n: peak_bytes(f, device) for n, f in cases.items()} if args.memory else {}
     return samples, peaks
 
