@@ -50,12 +50,27 @@ def test_layer_target_marked_met_and_not_met():
             _row(layer_suite.PLUGIN_AS["input"], 80.0, grads="DDP fp32 main_grad")]  # 1.25x: faster
     got = {t.name: t for t in targets.evaluate_targets(rows)}
     default = got["MoE layer bf16 E=64 DDP fp32 main_grad: default >= SequentialMLP"]
-    assert default.met is False and default.measured == "0.800x SequentialMLP speed"
+    assert default.met is False and default.measured == "0.800x SequentialMLP speed (best times 0.800x)"
     explicit = got["MoE layer bf16 E=64 DDP fp32 main_grad, fused_wgrad_dtype input: >= SequentialMLP"]
     assert explicit.met is True
     assert got["MoE layer bf16 E=64 DDP fp32 main_grad: >= 1.15x SequentialMLP"].met is False
     assert got["MoE layer bf16 E=64 DDP fp32 main_grad, fused_wgrad_dtype input: >= 1.15x SequentialMLP"].met
     assert "NOT met" in report.format_targets([default]) and "NOT met" not in report.format_targets([explicit])
+
+
+def test_layer_target_pairs_the_rounds():
+    """Round by round the plugin is 5 % faster, but SequentialMLP's best round came while the
+    machine was quick: the paired median says faster, the ratio of best times says slower."""
+    seq = [200.0, 210.0, 190.0, 205.0, 100.0]
+    plug = [v / 1.05 for v in seq[:-1]] + [110.0]
+    rows = [_row(layer_suite.SEQUENTIAL, min(seq), grads=".grad", experts=8),
+            _row(layer_suite.PLUGIN, min(plug), grads=".grad", experts=8)]
+    rows[0].samples_ms, rows[1].samples_ms = seq, plug
+    assert measure.paired_speedup(rows[0], rows[1]) == pytest.approx(1.05)
+    got = {t.name: t for t in targets.evaluate_targets(rows)}["MoE layer bf16 E=8 .grad: default >= SequentialMLP"]
+    assert got.met is True and got.measured == "1.050x SequentialMLP speed (best times 0.909x)"
+    rows[1].samples_ms = plug[:-1]  # rounds that do not pair up: the best times decide
+    assert measure.paired_speedup(rows[0], rows[1]) == pytest.approx(100.0 / 110.0)
 
 
 def test_fused_targets_compare_time_and_peak_with_unfused():

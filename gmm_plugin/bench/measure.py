@@ -78,6 +78,19 @@ def rows_from(samples: dict, flops: float, baseline: str, meta: dict, peaks: dic
     return out
 
 
+def paired_speedup(base: Row, row: Row) -> float:
+    """How many times faster row is than base: the median over rounds of base's time / row's
+    time in the same round (the cases of a round run back to back, so a machine whose speed
+    drifts between rounds slows both sides of a pair alike), or the ratio of the best times
+    where the rounds do not pair up."""
+    a, b = base.samples_ms, row.samples_ms
+    if len(a) != len(b) or len(a) < 2 or not all(b):
+        return base.time_ms / row.time_ms
+    ratios = sorted(x / y for x, y in zip(a, b))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
 def peak_bytes(fn, device: torch.device) -> int | None:
     """Highest memory use above the starting point while fn runs, in bytes.
 
