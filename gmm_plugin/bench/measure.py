@@ -6,6 +6,7 @@ is the minimum over the rounds; ratios compare cases timed in the same process a
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,9 +87,7 @@ def paired_speedup(base: Row, row: Row) -> float:
     a, b = base.samples_ms, row.samples_ms
     if len(a) != len(b) or len(a) < 2 or not all(b):
         return base.time_ms / row.time_ms
-    ratios = sorted(x / y for x, y in zip(a, b))
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def peak_bytes(fn, device: torch.device) -> int | None:
