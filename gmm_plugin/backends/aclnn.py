@@ -40,7 +40,8 @@ import torch
 from .. import checks
 from ..group_list import Groups
 from ..layout import is_transposed
-from .npu import _FUSED_DTYPES, ASCEND950, LAST_DIM_LIMIT, NpuBackend, _as_plain, _chunks, _soc_version
+from .npu import (_FUSED_DTYPES, ASCEND950, LAST_DIM_LIMIT, NpuBackend, _as_plain, _chunks, _soc_version,
+                  check_formats)
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "aclnn_gmm.cpp")
 CANN_LIB_ENV = "GMM_PLUGIN_CANN_LIB"
@@ -49,7 +50,14 @@ BUILD_DIR_ENV = "GMM_PLUGIN_BUILD_DIR"
 _OP_LIBRARIES = ("libcust_opapi.so", "libopapi_*.so", "libopapi.so", "libaclnn_ops_infer.so",
                  "libaclnn_ops_train.so", "libaclnn_math.so", "libnnopbase.so", "libascendcl.so")
 _DOUBLE_SYMBOL = "cann_double_count"  # exported by the test double only
-_ACL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 27, torch.int64: 9}
+_ACL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 27, torch.int64: 9}  # aclDataType
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# The binding describes every tensor as op-plugin's ConvertType does for a base format; torch_npu's Python API
+# gives a private format (get_npu_format) but not its storage dims (only their product, get_storage_size).
+PRIVATE_FORMAT_REFUSED = ("the aclnn backend describes tensors as op-plugin does for base formats (ND, NCHW, NHWC, "
+                          "NCDHW) only and cannot read torch_npu's storage desc of a private one, so CANN would "
+                          "read its memory wrongly; backend 'npu' (torch_npu's npu_grouped_matmul) takes FRACTAL_NZ "
+                          "weights")
 
 
 class _Desc(ctypes.Structure):  # aclnn_gmm.cpp's Desc
@@ -62,10 +70,15 @@ _ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint64)
 
 
 def _describe(t: torch.Tensor, name: str) -> _Desc:
-    """t as op-plugin's ConvertType gives it to aclCreateTensor: the storage base and the element
-    offset, sizes and strides, the storage as one dim of elements (the format follows the rank, in C++)."""
-    if t.dtype not in _ACL_DTYPES:
-        raise TypeError(f"the aclnn backend takes float16, bfloat16 or float32 tensors; {name} is {t.dtype}.")
+    """t as op-plugin's ConvertType gives a base-format tensor to aclCreateTensor: the storage base and the
+    element offset, sizes and strides, the storage as one dim of elements (the format follows the rank, in C++).
+    group_list is INT64 (groupListOptional, groupList of the Add ops); the others float16, bfloat16 or float32."""
+    if name == "group_list" and t.dtype != torch.int64:
+        raise TypeError(f"group_list must be int64 for the aclnn backend (aclnnGroupedMatmul's groupListOptional "
+                        f"is INT64), got {t.dtype}.")
+    if name != "group_list" and t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the aclnn backend, got {t.dtype}.")
+    check_formats(PRIVATE_FORMAT_REFUSED, **{name: t})
     if t.dim() > 8:
         raise ValueError(f"{name} has {t.dim()} dims; the aclnn backend takes at most 8.")
     d = _Desc()
@@ -235,6 +248,7 @@ def _add_v2_on(device: torch.device) -> bool:
 
 class AclnnBackend(NpuBackend):
     name = "aclnn"
+    _private_whole = PRIVATE_FORMAT_REFUSED
 
     def supports(self, device: torch.device) -> bool:
         # CPU tensors stand in for NPU ones only with the test double of CANN selected.

@@ -190,6 +190,41 @@ def is_test_double(module=None) -> bool:
     return bool(getattr(module, _TEST_DOUBLE_FLAG, False))
 
 
+# ---- NPU storage formats ------------------------------------------------------------------------
+
+# aclFormat (hicann/runtime acl_base_rt.h; torch_npu.npu._format.Format). op-plugin's ConvertType describes a
+# tensor by its rank only in the base formats (FormatHelper::IsOpInputBaseFormat: ND, NCHW, NHWC, NCDHW); a
+# tensor in any other (e.g. FRACTAL_NZ from torch_npu.npu_format_cast) is described by torch_npu's storage
+# desc: its own format and physical storage dims.
+BASE_FORMATS = (0, 1, 2, 30)
+ND = 2
+FORMAT_NAMES = {-1: "UNDEFINED", 0: "NCHW", 1: "NHWC", 2: "ND", 3: "NC1HWC0", 4: "FRACTAL_Z", 12: "NC1HWC0_C04",
+                16: "HWCN", 27: "NDHWC", 29: "FRACTAL_NZ", 30: "NCDHW", 32: "NDC1HWC0", 33: "FRACTAL_Z_3D",
+                35: "NC", 47: "NCL", 50: "FRACTAL_NZ_C0_16", 51: "FRACTAL_NZ_C0_32", 52: "FRACTAL_NZ_C0_2",
+                53: "FRACTAL_NZ_C0_4", 54: "FRACTAL_NZ_C0_8"}
+
+
+def private_format(t: torch.Tensor) -> int | None:
+    """The private NPU format torch_npu records for t's storage, or None (a base format, or a tensor torch_npu
+    does not hold). torch_npu's query, the same on every release: `get_npu_format(Tensor self) -> int`
+    (npu_native_functions.yaml; 7.1.0+ wraps the result in the IntEnum torch_npu.Format)."""
+    torch_npu = sys.modules.get("torch_npu")
+    if torch_npu is None or not (t.device.type == "npu" or is_test_double(torch_npu)):
+        return None
+    fmt = int(torch_npu.get_npu_format(t))
+    return None if fmt in BASE_FORMATS else fmt
+
+
+def check_formats(why: str | None, **tensors) -> None:
+    """ValueError naming the first tensor in a private NPU format, with `why` it cannot be taken; why=None: all
+    may be."""
+    for name, t in tensors.items():
+        fmt = private_format(t) if why else None
+        if fmt is not None:
+            raise ValueError(f"{name} is in NPU format {FORMAT_NAMES.get(fmt, 'private')} ({fmt}); {why}. Cast it to "
+                             f"ND first: torch_npu.npu_format_cast({name}, {ND}).")
+
+
 def status(import_module: bool = False) -> str:
     """One line for `gmm-plugin info`."""
     module = sys.modules.get("torch_npu")
@@ -265,6 +300,22 @@ def _chunks(groups: Groups, gl: torch.Tensor, gl_cumsum: bool):
         yield g0, g1, start, offsets[g1 - 1], (gl[g0:g1] - start if gl_cumsum else gl[g0:g1])
 
 
+def _reshaped(groups: Groups, k: int, n: int, layout_kept: bool) -> str | None:
+    """What grouped_mm does to x and weight other than one kernel call on them whole (None: nothing)."""
+    if groups.num_groups == 1:
+        return "one expert is a plain matmul of weight[0]"
+    if groups.num_groups > MAX_GROUPS_PER_CALL:
+        return f"more than {MAX_GROUPS_PER_CALL} experts go to the kernel in slices"
+    if k >= LAST_DIM_LIMIT or n >= LAST_DIM_LIMIT:
+        return f"a last dim of {LAST_DIM_LIMIT} or more is cut into column blocks"
+    return None if layout_kept else "this layout (neither contiguous nor a transposed view) would be copied"
+
+
+# aclnnGroupedMatmulWeightNz does not group along K ("Not support split k dim now", ops-transformer
+# aclnn_grouped_matmul.cpp), and split-K operands are transposed views, sliced per chunk or per expert.
+_SPLIT_K = "split-K products (group_type 2, the weight gradient) are made here from views and slices of them"
+
+
 def _segments(groups: Groups):
     """(e, start, end) of every non-empty group, on the host (Groups.segments)."""
     return [(e, s, t) for e, s, t in groups.segments() if t > s]
@@ -276,6 +327,19 @@ class _KSplitRejected(Exception):
 
 class NpuBackend:
     name = "npu"
+    # Tensors in a private NPU format (check_formats): torch_npu's ops describe an operand they get whole by its
+    # storage desc (op-plugin's ConvertType), and npu_grouped_matmul runs a FRACTAL_NZ weight on
+    # aclnnGroupedMatmulWeightNz (op-plugin 7.1.0+; 7.0.0 hands it to V4, whose CheckFormat takes NZ weights).
+    # What this backend slices, copies or regroups would be a view into that private layout, which neither
+    # op-plugin nor CANN defines. None: whole operands in a private format go on to torch_npu.
+    _private_whole: str | None = None
+
+    def _private_reason(self, detail: str | None) -> str | None:
+        """Why operands in a private format cannot be taken here (None: they can); detail: what the call would
+        do to them, or None when they reach the kernel whole."""
+        if self._private_whole or detail is None:
+            return self._private_whole
+        return f"the {self.name} backend passes tensors in a private format to the kernel only whole, and {detail}"
 
     def supports(self, device: torch.device) -> bool:
         # CPU tensors only stand in for NPU ones under the test double of torch_npu.
@@ -316,6 +380,8 @@ class NpuBackend:
         _check_sizes(x, w)
         if m == 0 or n == 0 or k == 0:
             return x.new_zeros(m, n)
+        check_formats(self._private_reason(_reshaped(groups, k, n, x.is_contiguous() and (
+            w.is_contiguous() or is_transposed(w)))), x=x, weight=w)
         if groups.num_groups == 1:  # the kernel rejects a group_list of length 1: a plain matmul
             return torch.mm(x, w[0])
         gl, gl_type = self._group_list(groups)
@@ -356,6 +422,7 @@ class NpuBackend:
         _check_sizes(a, b)
         if tokens == 0 or p == 0 or n == 0:
             return a.new_zeros(e, p, n)
+        check_formats(self._private_reason(_SPLIT_K), x=a, weight=b)
         if groups.num_groups == 1:  # the kernel rejects a group_list of length 1; the group covers every row
             return torch.mm(a, b).unsqueeze(0)
         if self._ops(torch_npu).k_split is not False:
@@ -407,6 +474,7 @@ class NpuBackend:
         checks.check_devices(a, weight=b, out=out)
         if a.shape[1] == 0 or a.shape[0] == 0 or b.shape[1] == 0:
             return
+        check_formats(self._private_reason(_SPLIT_K), main_grad=out, x=a, weight=b)
         ops = self._ops(torch_npu)
         if wgrad_dtype == "fp32" and self._fuse(torch_npu, ops, a, b, groups, out):
             return

@@ -1,11 +1,16 @@
 // gmm-plugin's binding of CANN's aclnn grouped matmul (the Python side: gmm_plugin/backends/aclnn.py).
 //
-// No CANN or torch_npu headers are needed: the opaque types and the function signatures are
-// declared here from CANN's acl_meta.h and the grouped_matmul op_api headers, and every symbol is
-// resolved with dlsym from the libraries Python hands over (CANN's, or the test double's). Tensors
-// arrive as op-plugin's ConvertType fills aclCreateTensor: the storage base address, the element
-// offset, strides, the storage dims [storage elements], and a format by rank. The interface to
-// Python is plain C (ctypes), so the build needs no torch or pybind headers.
+// No CANN or torch_npu headers are needed: the opaque types, the two enums and the function
+// signatures are declared here as CANN's headers declare them (hicann/opbase
+// include/nnopbase/aclnn/acl_meta.h, hicann/runtime include/external/acl/acl_base_rt.h and acl_rt.h,
+// hicann/ops-transformer gmm/grouped_matmul/op_host/op_api/aclnn_grouped_matmul_v4.h / _v5.h), and
+// every symbol is resolved with dlsym from the libraries Python hands over (CANN's, or the test
+// double's). Built with -DGMM_PLUGIN_CANN_HEADERS and CANN's include directory, CANN's own
+// declarations replace these and every signature is checked to be identical (docs/npu.md). Tensors
+// arrive as op-plugin's ConvertType fills aclCreateTensor for base formats: the storage base address,
+// the element offset, strides, the storage dims [storage elements], and a format by rank (Python
+// refuses tensors in a private NPU format). The interface to Python is plain C (ctypes), so the
+// build needs no torch or pybind headers.
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -13,20 +18,36 @@
 #include <string>
 #include <vector>
 
+#ifdef GMM_PLUGIN_CANN_HEADERS
+#include <type_traits>
+
+#include "acl/acl_rt.h"  // aclGetRecentErrMsg
+#include "aclnn/acl_meta.h"
+#include "aclnnop/aclnn_grouped_matmul_v4.h"
+#include "aclnnop/aclnn_grouped_matmul_v5.h"
+#else
 extern "C" {
-struct aclTensor;
-struct aclTensorList;
-struct aclIntArray;
-struct aclOpExecutor;
+typedef struct aclTensor aclTensor;
+typedef struct aclTensorList aclTensorList;
+typedef struct aclIntArray aclIntArray;
+typedef struct aclOpExecutor aclOpExecutor;
+typedef int32_t aclnnStatus;
+typedef void* aclrtStream;
+// acl_base_rt.h's enums, with the values the binding passes (UNDEFINED keeps the type signed, as there).
+typedef enum { ACL_DT_UNDEFINED = -1, ACL_FLOAT = 0, ACL_FLOAT16 = 1, ACL_INT64 = 9, ACL_BF16 = 27 } aclDataType;
+typedef enum {
+    ACL_FORMAT_UNDEFINED = -1, ACL_FORMAT_NCHW = 0, ACL_FORMAT_ND = 2, ACL_FORMAT_NCDHW = 30, ACL_FORMAT_NCL = 47
+} aclFormat;
 }
-using Status = int32_t;
-using Stream = void*;
-using Run = Status (*)(void*, uint64_t, aclOpExecutor*, Stream);
-using CreateTensor = aclTensor* (*)(const int64_t*, uint64_t, int32_t, const int64_t*, int64_t, int32_t,
+#endif
+
+using Run = aclnnStatus (*)(void*, uint64_t, aclOpExecutor*, aclrtStream);
+using CreateTensor = aclTensor* (*)(const int64_t*, uint64_t, aclDataType, const int64_t*, int64_t, aclFormat,
                                     const int64_t*, uint64_t, void*);
 using CreateTensorList = aclTensorList* (*)(const aclTensor* const*, uint64_t);
-using DestroyTensor = Status (*)(const aclTensor*);
-using DestroyTensorList = Status (*)(const aclTensorList*);
+using DestroyTensor = aclnnStatus (*)(const aclTensor*);
+using DestroyTensorList = aclnnStatus (*)(const aclTensorList*);
+using DestroyExecutor = aclnnStatus (*)(aclOpExecutor*);
 using RecentErrMsg = const char* (*)();
 #define GMM_V4_PARAMS                                                                                     \
     const aclTensorList*, const aclTensorList*, const aclTensorList*, const aclTensorList*,               \
@@ -34,14 +55,42 @@ using RecentErrMsg = const char* (*)();
         const aclTensor*, const aclTensorList*, const aclTensorList*, const aclTensorList*, int64_t,      \
         int64_t, int64_t, int64_t
 #define GMM_OUT_PARAMS aclTensorList*, aclTensorList*, aclTensorList*, uint64_t*, aclOpExecutor**
-using GmmV4Prepare = Status (*)(GMM_V4_PARAMS, GMM_OUT_PARAMS);
-using GmmV5Prepare = Status (*)(GMM_V4_PARAMS, const aclIntArray*, GMM_OUT_PARAMS);
-using AddPrepare = Status (*)(const aclTensor*, const aclTensor*, const aclTensor*, aclTensor*, bool, bool,
-                              int64_t, uint64_t*, aclOpExecutor**);
-using AddV2Prepare = Status (*)(const aclTensor*, const aclTensor*, const aclTensor*, aclTensor*, bool, bool,
-                                int64_t, int64_t, uint64_t*, aclOpExecutor**);
+using GmmV4Prepare = aclnnStatus (*)(GMM_V4_PARAMS, GMM_OUT_PARAMS);
+using GmmV5Prepare = aclnnStatus (*)(GMM_V4_PARAMS, aclIntArray*, GMM_OUT_PARAMS);
+// aclnnGroupedMatmulAdd(V2): CANN generates these headers from the op definition (ops-transformer's tree has
+// none: gmm/grouped_matmul_add/op_host/grouped_matmul_add_def.cpp, its example's call); checked below where
+// the CANN include directory has them.
+using AddPrepare = aclnnStatus (*)(const aclTensor*, const aclTensor*, const aclTensor*, aclTensor*, bool, bool,
+                                   int64_t, uint64_t*, aclOpExecutor**);
+using AddV2Prepare = aclnnStatus (*)(const aclTensor*, const aclTensor*, const aclTensor*, aclTensor*, bool, bool,
+                                     int64_t, int64_t, uint64_t*, aclOpExecutor**);
 
-enum { ACL_FORMAT_NCHW = 0, ACL_FORMAT_ND = 2, ACL_FORMAT_NCDHW = 30, ACL_FORMAT_NCL = 47 };
+#ifdef GMM_PLUGIN_CANN_HEADERS
+#define GMM_SAME(type, fn) static_assert(std::is_same<type, decltype(&fn)>::value, #fn " differs from CANN's header")
+GMM_SAME(CreateTensor, aclCreateTensor);
+GMM_SAME(CreateTensorList, aclCreateTensorList);
+GMM_SAME(DestroyTensor, aclDestroyTensor);
+GMM_SAME(DestroyTensorList, aclDestroyTensorList);
+GMM_SAME(DestroyExecutor, aclDestroyAclOpExecutor);
+GMM_SAME(RecentErrMsg, aclGetRecentErrMsg);
+GMM_SAME(GmmV4Prepare, aclnnGroupedMatmulV4GetWorkspaceSize);
+GMM_SAME(GmmV5Prepare, aclnnGroupedMatmulV5GetWorkspaceSize);
+GMM_SAME(Run, aclnnGroupedMatmulV4);
+GMM_SAME(Run, aclnnGroupedMatmulV5);
+#if __has_include("aclnnop/aclnn_grouped_matmul_add.h")
+#include "aclnnop/aclnn_grouped_matmul_add.h"
+GMM_SAME(AddPrepare, aclnnGroupedMatmulAddGetWorkspaceSize);
+GMM_SAME(Run, aclnnGroupedMatmulAdd);
+#endif
+#if __has_include("aclnnop/aclnn_grouped_matmul_add_v2.h")
+#include "aclnnop/aclnn_grouped_matmul_add_v2.h"
+GMM_SAME(AddV2Prepare, aclnnGroupedMatmulAddV2GetWorkspaceSize);
+GMM_SAME(Run, aclnnGroupedMatmulAddV2);
+#endif
+static_assert(ACL_FLOAT == 0 && ACL_FLOAT16 == 1 && ACL_INT64 == 9 && ACL_BF16 == 27, "aclDataType values");
+static_assert(ACL_FORMAT_NCHW == 0 && ACL_FORMAT_ND == 2 && ACL_FORMAT_NCDHW == 30 && ACL_FORMAT_NCL == 47,
+              "aclFormat values");
+#endif
 
 // One tensor as Python describes it (aclnn.py's _Desc).
 struct Desc {
@@ -61,6 +110,7 @@ struct Library {
     CreateTensorList create_list = nullptr;
     DestroyTensor destroy_tensor = nullptr;
     DestroyTensorList destroy_list = nullptr;
+    DestroyExecutor destroy_executor = nullptr;  // libnnopbase; older CANN may lack it
     RecentErrMsg recent_err = nullptr;
     GmmV5Prepare v5_prepare = nullptr;
     GmmV4Prepare v4_prepare = nullptr;
@@ -87,7 +137,7 @@ static std::string cann_text(const Library& lib) {
     return text && *text ? std::string(": ") + text : std::string(" (CANN gave no error text)");
 }
 
-static std::string failed(const Library& lib, const std::string& what, Status status) {
+static std::string failed(const Library& lib, const std::string& what, aclnnStatus status) {
     return what + " returned " + std::to_string(status) + cann_text(lib);
 }
 
@@ -102,10 +152,11 @@ struct Owned {
     }
     // op-plugin's ConvertType: view dims and strides, element offset from the base, one storage dim, format by rank.
     aclTensor* tensor(const Desc& d, const char* name, std::string& error) {
-        int32_t format = d.ndim == 3 ? ACL_FORMAT_NCL : d.ndim == 4 ? ACL_FORMAT_NCHW
-                         : d.ndim == 5 ? ACL_FORMAT_NCDHW : ACL_FORMAT_ND;
+        aclFormat format = d.ndim == 3 ? ACL_FORMAT_NCL : d.ndim == 4 ? ACL_FORMAT_NCHW
+                           : d.ndim == 5 ? ACL_FORMAT_NCDHW : ACL_FORMAT_ND;
         int64_t storage[1] = {d.storage_elems};
-        aclTensor* t = lib.create_tensor(d.dims, d.ndim, d.dtype, d.strides, d.offset, format, storage, 1, d.base);
+        aclTensor* t = lib.create_tensor(d.dims, d.ndim, static_cast<aclDataType>(d.dtype), d.strides, d.offset,
+                                         format, storage, 1, d.base);
         if (!t) error = std::string("aclCreateTensor returned NULL for ") + name;
         else tensors.push_back(t);
         return t;
@@ -128,13 +179,19 @@ struct Owned {
 
 // Phase 2: the workspace phase 1 asked for, then the run on `stream` (the executor is single use).
 static bool launch(const Library& lib, const char* api, Run run, uint64_t workspace_size, aclOpExecutor* executor,
-                   Stream stream, Alloc alloc, std::string& error) {
+                   aclrtStream stream, Alloc alloc, std::string& error) {
     void* workspace = nullptr;
     if (workspace_size > 0 && !(workspace = alloc(workspace_size))) {
+        // The run that would delete the executor never happens: destroy it here, as op-plugin does with the
+        // executor of a phase 1 it does not run (EXEC_GET_MAX_WORKSPACE_CMD, update_op_api_common.h).
         error = std::string(api) + ": allocating its workspace of " + std::to_string(workspace_size) + " bytes failed";
+        if (!lib.destroy_executor)
+            error += " (its executor is leaked: aclDestroyAclOpExecutor is not exported by the loaded CANN libraries)";
+        else if (aclnnStatus status = lib.destroy_executor(executor))
+            error += "; " + failed(lib, "aclDestroyAclOpExecutor", status);
         return false;
     }
-    Status status = run(workspace, workspace_size, executor, stream);
+    aclnnStatus status = run(workspace, workspace_size, executor, stream);
     if (status != 0) error = failed(lib, api, status);
     return status == 0;
 }
@@ -153,6 +210,7 @@ void* gmm_aclnn_open(const char* const* paths, int count, char* err, size_t len)
     lib->find(lib->create_list, "aclCreateTensorList");
     lib->find(lib->destroy_tensor, "aclDestroyTensor");
     lib->find(lib->destroy_list, "aclDestroyTensorList");
+    lib->find(lib->destroy_executor, "aclDestroyAclOpExecutor");
     lib->find(lib->recent_err, "aclGetRecentErrMsg");
     lib->find(lib->v5_prepare, "aclnnGroupedMatmulV5GetWorkspaceSize");
     lib->find(lib->v5, "aclnnGroupedMatmulV5");
@@ -195,7 +253,7 @@ int gmm_aclnn_has(const void* handle, const char* what) {
 // group_type 2: x [M,K] (a transposed view), w [K,N], y [E,M,N]. V5 where resolved, else V4.
 // Returns 0, or non-zero with the reason in err.
 int gmm_aclnn_grouped_matmul(const void* handle, const Desc* x, const Desc* w, const Desc* group_list,
-                             const Desc* y, int64_t group_type, int64_t group_list_type, Stream stream,
+                             const Desc* y, int64_t group_type, int64_t group_list_type, aclrtStream stream,
                              Alloc alloc, char* err, size_t len) {
     const Library& lib = *static_cast<const Library*>(handle);
     std::string error;
@@ -213,7 +271,7 @@ int gmm_aclnn_grouped_matmul(const void* handle, const Desc* x, const Desc* w, c
     uint64_t workspace = 0;
     aclOpExecutor* executor = nullptr;
     const int64_t split_item = 3, act_type = 0;
-    Status status = v5 ? lib.v5_prepare(xl, wl, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gt, nullptr,
+    aclnnStatus status = v5 ? lib.v5_prepare(xl, wl, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gt, nullptr,
                                         nullptr, nullptr, split_item, group_type, group_list_type, act_type,
                                         nullptr, yl, nullptr, nullptr, &workspace, &executor)
                        : lib.v4_prepare(xl, wl, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gt, nullptr,
@@ -229,7 +287,7 @@ int gmm_aclnn_grouped_matmul(const void* handle, const Desc* x, const Desc* w, c
 // (transposeX true, transposeWeight false, groupType 2), y [G,M,N] contiguous. AddV2 takes group_list_type;
 // without AddV2 only cumulative sums (group_list_type 0) go to the V1 Add, which reads nothing else.
 int gmm_aclnn_grouped_matmul_add(const void* handle, const Desc* x, const Desc* w, const Desc* group_list,
-                                 const Desc* y, int64_t group_list_type, Stream stream, Alloc alloc, char* err,
+                                 const Desc* y, int64_t group_list_type, aclrtStream stream, Alloc alloc, char* err,
                                  size_t len) {
     const Library& lib = *static_cast<const Library*>(handle);
     const bool v2 = lib.add_v2_prepare && lib.add_v2;
@@ -249,7 +307,7 @@ int gmm_aclnn_grouped_matmul_add(const void* handle, const Desc* x, const Desc* 
     uint64_t workspace = 0;
     aclOpExecutor* executor = nullptr;
     const int64_t group_type = 2;
-    Status status = v2 ? lib.add_v2_prepare(xt, wt, gt, yt, true, false, group_type, group_list_type, &workspace,
+    aclnnStatus status = v2 ? lib.add_v2_prepare(xt, wt, gt, yt, true, false, group_type, group_list_type, &workspace,
                                             &executor)
                        : lib.add_prepare(xt, wt, gt, yt, true, false, group_type, &workspace, &executor);
     if (status != 0) return say(err, len, failed(lib, std::string(api) + "GetWorkspaceSize", status)), 1;

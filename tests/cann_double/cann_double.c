@@ -23,6 +23,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef CANN_DOUBLE_CANN_HEADERS
+/* The check build (docs/npu.md): compiled as C++ against CANN's own headers, where any definition
+ * below whose signature differs from CANN's declaration is a "conflicting declaration of C function". */
+#include "acl/acl_rt.h"
+#include "aclnn/acl_meta.h"
+#include "aclnnop/aclnn_grouped_matmul_v4.h"
+#include "aclnnop/aclnn_grouped_matmul_v5.h"
+#if __has_include("aclnnop/aclnn_grouped_matmul_add.h")
+#include "aclnnop/aclnn_grouped_matmul_add.h"
+#endif
+#if __has_include("aclnnop/aclnn_grouped_matmul_add_v2.h")
+#include "aclnnop/aclnn_grouped_matmul_add_v2.h"
+#endif
+#else
+/* hicann/runtime include/external/acl/acl_base_rt.h (the enums, aclrtStream), hicann/opbase acl_meta.h. */
 typedef int32_t aclnnStatus;
 typedef enum {
     ACL_DT_UNDEFINED = -1, ACL_FLOAT = 0, ACL_FLOAT16 = 1, ACL_INT8 = 2, ACL_INT32 = 3, ACL_UINT8 = 4,
@@ -34,6 +49,11 @@ typedef enum {
     ACL_FORMAT_FRACTAL_NZ = 29, ACL_FORMAT_NCDHW = 30, ACL_FORMAT_NCL = 47
 } aclFormat;
 typedef void *aclrtStream;
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 #define OK 0
 #define PARAM_NULLPTR 161001
@@ -69,6 +89,7 @@ typedef struct aclOpExecutor {
 
 static int64_t live_tensors, live_lists, live_arrays, live_executors, violations, runs[OP_ADDV2 + 1];
 static char last_error[1024];
+static uint64_t workspace_bytes = WORKSPACE;
 
 /* Objects are never freed, only marked DEAD: a stale handle is then reported, not undefined.
  * cann_double_count(kind): live objects of a kind, "violations", or an op's name: its successful runs. */
@@ -91,6 +112,9 @@ static aclnnStatus fail(aclnnStatus status, const char *fmt, ...) {
     return status;
 }
 
+/* The double's own: the workspace phase 1 asks for from now on (a test makes the allocation fail). */
+void cann_double_set_workspace(uint64_t bytes) { workspace_bytes = bytes; }
+
 #define VIOLATION(...) (violations++, fail(PARAM_INVALID, __VA_ARGS__))
 
 const char *aclGetRecentErrMsg(void) {
@@ -109,13 +133,13 @@ aclTensor *aclCreateTensor(const int64_t *viewDims, uint64_t viewDimsNum, aclDat
     if ((viewDims == NULL && viewDimsNum > 0) || viewDimsNum > MAX_DIMS || storageDimsNum > MAX_DIMS ||
         (storageDims == NULL && storageDimsNum > 0))
         return NULL;
-    aclTensor *t = calloc(1, sizeof *t);
+    aclTensor *t = (aclTensor *)calloc(1, sizeof *t);
     t->magic = ALIVE;
     t->ndim = (int)viewDimsNum;
     t->dtype = dataType;
     t->format = format;
     t->offset = offset;
-    t->data = tensorData;
+    t->data = (char *)tensorData;
     int64_t step = 1;
     for (int d = t->ndim - 1; d >= 0; d--) {  /* NULL stride: contiguous */
         t->dims[d] = viewDims[d];
@@ -130,10 +154,10 @@ aclTensor *aclCreateTensor(const int64_t *viewDims, uint64_t viewDimsNum, aclDat
 
 aclIntArray *aclCreateIntArray(const int64_t *value, uint64_t size) {
     if (value == NULL && size > 0) return NULL;
-    aclIntArray *a = calloc(1, sizeof *a);
+    aclIntArray *a = (aclIntArray *)calloc(1, sizeof *a);
     a->magic = ALIVE;
     a->size = size;
-    a->values = malloc((size ? size : 1) * sizeof(int64_t));
+    a->values = (int64_t *)malloc((size ? size : 1) * sizeof(int64_t));
     if (size) memcpy(a->values, value, size * sizeof(int64_t));
     live_arrays++;
     return a;
@@ -147,10 +171,10 @@ aclTensorList *aclCreateTensorList(const aclTensor *const *value, uint64_t size)
                       (unsigned long long)i);
             return NULL;
         }
-    aclTensorList *l = calloc(1, sizeof *l);
+    aclTensorList *l = (aclTensorList *)calloc(1, sizeof *l);
     l->magic = ALIVE;
     l->size = size;
-    l->items = calloc(size ? size : 1, sizeof(aclTensor *));
+    l->items = (aclTensor **)calloc(size ? size : 1, sizeof(aclTensor *));
     for (uint64_t i = 0; i < size; i++) {
         l->items[i] = (aclTensor *)value[i];
         l->items[i]->in_list = 1;  /* the list owns it now */
@@ -189,6 +213,16 @@ aclnnStatus aclDestroyTensorList(const aclTensorList *list) {
     for (uint64_t i = 0; i < l->size; i++) destroy_tensor(l->items[i]);
     l->magic = DEAD;
     live_lists--;
+    return OK;
+}
+
+/* acl_meta.h: for an executor made repeatable, or one whose phase 2 never runs (op-plugin destroys the
+ * executor of a phase 1 it does not run); a run deletes the executor itself. 561103: NULL (its docs). */
+aclnnStatus aclDestroyAclOpExecutor(aclOpExecutor *executor) {
+    if (executor == NULL) return fail(561103, "aclDestroyAclOpExecutor: executor is NULL");
+    if (executor->magic != ALIVE) return VIOLATION("aclDestroyAclOpExecutor: the executor ran or was destroyed already");
+    executor->magic = DEAD;
+    live_executors--;
     return OK;
 }
 
@@ -268,8 +302,13 @@ static aclTensor *single(const aclTensorList *l) { return l && l->magic == ALIVE
 static aclnnStatus new_executor(int op, const aclTensor *x, const aclTensor *w, const aclTensor *gl,
                                 const aclTensor *y, int64_t group_type, int64_t gl_type, bool empty,
                                 uint64_t *workspaceSize, aclOpExecutor **executor) {
-    aclOpExecutor *e = calloc(1, sizeof *e);
-    *e = (aclOpExecutor){ALIVE, op, x, w, gl, y, group_type, gl_type, empty ? 0 : WORKSPACE, empty};
+    aclOpExecutor *e = (aclOpExecutor *)calloc(1, sizeof *e);
+    e->magic = ALIVE;
+    e->op = op;
+    e->x = x, e->w = w, e->gl = gl, e->y = y;
+    e->group_type = group_type, e->group_list_type = gl_type;
+    e->workspace = empty ? 0 : workspace_bytes;
+    e->empty = empty;
     live_executors++;
     *workspaceSize = e->workspace;
     *executor = e;
@@ -467,16 +506,16 @@ static inline aclnnStatus gmm_prepare(int op, const aclTensorList *x, const aclT
     aclTensorList *out, aclTensorList *activationFeatureOutOptional, aclTensorList *dynQuantScaleOutOptional, \
         uint64_t *workspaceSize, aclOpExecutor **executor
 #define UNSUPPORTED                                                                                         \
-    (const aclTensorList *const[10]) {                                                                      \
+    const aclTensorList *const unsupported[10] = {                                                          \
         biasOptional, scaleOptional, offsetOptional, antiquantScaleOptional, antiquantOffsetOptional,       \
-            perTokenScaleOptional, activationInputOptional, activationQuantScaleOptional,                   \
-            activationQuantOffsetOptional,                                                                  \
-            activationFeatureOutOptional ? activationFeatureOutOptional : dynQuantScaleOutOptional          \
-    }
+        perTokenScaleOptional, activationInputOptional, activationQuantScaleOptional,                       \
+        activationQuantOffsetOptional,                                                                      \
+        activationFeatureOutOptional ? activationFeatureOutOptional : dynQuantScaleOutOptional}
 
 #ifndef CANN_DOUBLE_NO_V4
 aclnnStatus aclnnGroupedMatmulV4GetWorkspaceSize(GMM_V4_ARGS, GMM_OUT_ARGS) {
-    return gmm_prepare(OP_V4, x, weight, UNSUPPORTED, groupListOptional, splitItem, groupType, groupListType,
+    UNSUPPORTED;
+    return gmm_prepare(OP_V4, x, weight, unsupported, groupListOptional, splitItem, groupType, groupListType,
                        actType, NULL, out, workspaceSize, executor);
 }
 aclnnStatus aclnnGroupedMatmulV4(void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream) {
@@ -485,8 +524,9 @@ aclnnStatus aclnnGroupedMatmulV4(void *workspace, uint64_t workspaceSize, aclOpE
 #endif
 
 #ifndef CANN_DOUBLE_NO_V5
-aclnnStatus aclnnGroupedMatmulV5GetWorkspaceSize(GMM_V4_ARGS, const aclIntArray *tuningConfigOptional, GMM_OUT_ARGS) {
-    return gmm_prepare(OP_V5, x, weight, UNSUPPORTED, groupListOptional, splitItem, groupType, groupListType,
+aclnnStatus aclnnGroupedMatmulV5GetWorkspaceSize(GMM_V4_ARGS, aclIntArray *tuningConfigOptional, GMM_OUT_ARGS) {
+    UNSUPPORTED;
+    return gmm_prepare(OP_V5, x, weight, unsupported, groupListOptional, splitItem, groupType, groupListType,
                        actType, tuningConfigOptional, out, workspaceSize, executor);
 }
 aclnnStatus aclnnGroupedMatmulV5(void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream) {
@@ -547,4 +587,8 @@ aclnnStatus aclnnGroupedMatmulAddV2GetWorkspaceSize(const aclTensor *x, const ac
 aclnnStatus aclnnGroupedMatmulAddV2(void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream) {
     return run(OP_ADDV2, workspace, workspaceSize, executor, stream);
 }
+#endif
+
+#ifdef __cplusplus
+}  /* extern "C" */
 #endif

@@ -18,6 +18,11 @@ of aclnn kernels the simulated CANN exports (op-plugin's check_aclnn_kernel_avai
 aclnn-only SoC `installed()` also points ASCEND_HOME_PATH at a stub library exporting them
 (cann.py), which is where the backend looks.
 
+Storage formats (formats.py): `npu_format_cast(t, 29)` gives a stand-in in FRACTAL_NZ, which
+`get_npu_format` reports (both registered with each release's schema); the kernels route an NZ weight
+as that release's op-plugin does (aclnnGroupedMatmulWeightNz from 7.1.0) and raise
+KernelContractViolation for a view into a private-format storage.
+
 `with installed("7.3.0"): ...` stands it in for torch_npu (sys.modules) for a block; `calls`
 records every op call with its bound arguments, the release and (for the add op) the aclnn kernel
 op-plugin would run. `VARIANTS` are the op-suite variants (tests/conftest.py).
@@ -32,7 +37,7 @@ import types
 
 import torch
 
-from . import cann, kernels, releases
+from . import cann, formats, kernels, releases
 from .kernels import LAST_DIM_LIMIT, MAX_GROUPS, KernelContractViolation  # noqa: F401
 from .releases import ASCEND950, RELEASES, SOC_VERSIONS  # noqa: F401
 from variants import Variant

@@ -9,7 +9,9 @@ Two kinds of failure, told apart on purpose:
     (a group_list that overruns x or leaves rows uncovered: out-of-bounds reads and uninitialised
     output; a length-1 group_list, which MindSpeed documents as unsupported; counts given to
     aclnnGroupedMatmulAdd V1, which reads group_list as cumulative sums whatever group_list_type
-    says). The backend must never send these; on hardware they would be silent garbage.
+    says; a weight that is a slice of a private-format storage, whose description op-plugin's
+    ConvertType makes from the whole storage desc and the view's offset). The backend must never send
+    these; on hardware they would be silent garbage.
 
 Scenarios the plugin never uses (quantization, activations, multi-tensor lists, group_type -1,
 the .List overload with a host int[] group_list, 6.0's V1 op) raise NotImplementedError.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import releases as R
+from . import formats, releases as R
 
 MAX_GROUPS = 1024
 LAST_DIM_LIMIT = 65536
@@ -38,7 +40,7 @@ class State:
         self.release = release
         self.soc = R.SOC_VERSIONS["Ascend910B3"]   # an Atlas A2 training chip
         self.cann_kernels = {"aclnnGroupedMatmulV4", "aclnnGroupedMatmulV5", "aclnnGroupedMatmulAdd",
-                             "aclnnGroupedMatmulAddV2"}
+                             "aclnnGroupedMatmulAddV2", "aclnnGroupedMatmulWeightNz"}
 
 
 def bind(schema: torch._C.FunctionSchema, args, kwargs) -> dict:
@@ -107,6 +109,53 @@ def _is_transposed(t: torch.Tensor) -> bool:
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The cube unit's arithmetic: float32 accumulation."""
     return torch.mm(a.float(), b.float())
+
+
+# ---- storage formats ------------------------------------------------------------------------------
+
+def _gmm_kernel(state: State, op: str, xt, wt, group_type: int) -> str:
+    """The aclnn kernel op-plugin runs for these operands, after its and CANN's format checks
+    (op-plugin GroupedMatmulKernelNpuOpApi.cpp; ops-transformer aclnn_grouped_matmul.cpp CheckFormat,
+    TransWeightToNz, ParamsWeightNzDtype, aclnnGroupedMatmulWeightNzGetWorkspaceSize)."""
+    wfmt, xfmt = formats.get_npu_format(wt), formats.get_npu_format(xt)
+    v5 = state.release.k_split != R.K_SPLIT_BAD_OUTPUT and "aclnnGroupedMatmulV5" in state.cann_kernels
+    kernel = "aclnnGroupedMatmulV5" if v5 else "aclnnGroupedMatmulV4"
+    if xfmt not in _BASE_FORMATS:
+        raise RuntimeError(f"{op}: Format of x[0] {xfmt} is invalid {PARAM_INVALID}.")
+    if wfmt in _BASE_FORMATS:
+        return kernel
+    if wfmt not in (formats.FRACTAL_NZ, 50):  # CheckFormat: of the private formats, weight takes NZ (and NZ_C0_16)
+        raise RuntimeError(f"{op}: Format of weight[0] {wfmt} is invalid {PARAM_INVALID}.")
+    if not formats.is_whole(wt):
+        raise KernelContractViolation(
+            f"{op}: weight is a view (offset {wt.storage_offset()}, shape {tuple(wt.shape)}) into a storage of NPU "
+            f"format {wfmt} (storage dims {formats.storage_sizes(wt)}): neither op-plugin nor CANN defines it.")
+    if wfmt in state.release.weight_nz_formats:
+        if "aclnnGroupedMatmulWeightNz" not in state.cann_kernels:
+            raise RuntimeError("Format of weight in npu_grouped_matmul is FRACTAL_NZ, current CANN version do not "
+                               "support with this format. Please try to update the version of CANN.")
+        kernel = "aclnnGroupedMatmulWeightNz"
+        if group_type == 2:
+            raise RuntimeError(f"{op}: Not support split k dim now, groupType can not be 2. {PARAM_INVALID}")
+        if xt.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"{op}: ParamsWeightNzDtype failed: only supported x-weight: INT8-INT8, BF16-BF16, "
+                               f"FP16-FP16, INT8-INT4, INT4-INT4, FP16/BF16-FP4_E2M1 {PARAM_INVALID}.")
+    k, n = (wt.shape[-1], wt.shape[-2]) if not wt.is_contiguous() else (wt.shape[-2], wt.shape[-1])
+    if k % 16 or n % 16:
+        raise RuntimeError(f"{op}: When weight format is FRACTAL_NZ, weight'shape(k[{k}], n[{n}]) should be divisible "
+                           f"by [16, 16] for BF16/FP16 {PARAM_INVALID}.")
+    return kernel
+
+
+_BASE_FORMATS = (0, 1, 2, 30)  # FormatHelper::IsOpInputBaseFormat (CANN takes them as ND here)
+
+
+def get_npu_format(state: State, a: dict, calls: list) -> int:
+    return formats.get_npu_format(a["self"])
+
+
+def npu_format_cast(state: State, a: dict, calls: list) -> torch.Tensor:
+    return formats.npu_format_cast(a["self"], a["acl_format"])
 
 
 # ---- npu_grouped_matmul ---------------------------------------------------------------------------
@@ -194,6 +243,7 @@ def grouped_matmul(state: State, a: dict, calls: list) -> list[torch.Tensor]:
     if x_last >= LAST_DIM_LIMIT or w_last >= LAST_DIM_LIMIT:
         raise RuntimeError(f"{op}: the last dim of x ({x_last}) and of weight ({w_last}) must be below "
                            f"{LAST_DIM_LIMIT}.")
+    calls[-1][1]["kernel"] = _gmm_kernel(state, op, xt, wt, group_type)
     num_groups = wt.shape[0] if group_type == 0 else None
     total = xt.shape[0] if group_type == 0 else xt.shape[1]
     ends = _check_group_list(group_list, xt.device, num_groups, total, a["group_list_type"], exact=True, op=op)
@@ -253,6 +303,9 @@ def grouped_matmul_add_(state: State, a: dict, calls: list) -> torch.Tensor:
         raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices!")
     if x.shape[0] != weight.shape[0]:
         raise RuntimeError(f"{op}: x {tuple(x.shape)} and weight {tuple(weight.shape)} differ in K {PARAM_INVALID}.")
+    for name, t in (("x", x), ("weight", weight), ("y", self)):  # grouped_matmul_add_def.cpp: every input ND
+        if formats.get_npu_format(t) not in _BASE_FORMATS:
+            raise RuntimeError(f"{op}: Format of {name} {formats.get_npu_format(t)} is invalid {PARAM_INVALID}.")
     if min(x.numel(), weight.numel()) == 0:
         return self  # aclnnGroupedMatmulAdd: empty x or weight is a success that does nothing
     g = a["group_list"].shape[0] if isinstance(a["group_list"], torch.Tensor) else 0
@@ -286,4 +339,5 @@ def grouped_matmul_add(state: State, a: dict, calls: list) -> torch.Tensor:
 
 
 IMPLS = {"npu_grouped_matmul": grouped_matmul, "npu_grouped_matmul.List": grouped_matmul_list,
-         "npu_grouped_matmul_add_": grouped_matmul_add_, "npu_grouped_matmul_add": grouped_matmul_add}
+         "npu_grouped_matmul_add_": grouped_matmul_add_, "npu_grouped_matmul_add": grouped_matmul_add,
+         "get_npu_format": get_npu_format, "npu_format_cast": npu_format_cast}

@@ -80,6 +80,19 @@ ADD_OUT_OF_PLACE_26_0 = ("npu_grouped_matmul_add(Tensor self, Tensor x, Tensor w
                          "bool transpose_x=True, bool transpose_weight=False, int group_type=2, "
                          "int? group_list_type=0) -> Tensor")
 
+# ---- storage formats (Ascend/pytorch torch_npu/csrc/aten/npu_native_functions.yaml at each tag) ------------
+
+GET_NPU_FORMAT = "get_npu_format(Tensor self) -> int"                          # every tag, v6.0.rc3 to v26.0.0
+FORMAT_CAST_6_0 = "npu_format_cast(Tensor self, int acl_format) -> Tensor"      # 6.0.x, 7.0.0, 7.1.0
+FORMAT_CAST_7_2 = "npu_format_cast(Tensor self, int acl_format, int? customize_dtype=None) -> Tensor"  # 7.2.0, 7.3.0
+FORMAT_CAST_26_0 = ("npu_format_cast(Tensor self, int acl_format, *, int? customize_dtype=None, "
+                    "int? input_dtype=None) -> Tensor")
+# The weight formats op-plugin's npu_grouped_matmul sends to aclnnGroupedMatmulWeightNz
+# (GroupedMatmulKernelNpuOpApi.cpp: 7.1.0-7.3.0 `get_npu_format(weight[0]) == ACL_FORMAT_FRACTAL_NZ`; 26.0.0 also
+# FRACTAL_NZ_C0_2/_C0_4/_C0_16). 7.0.0 has no such branch: every weight goes to V4, described by ConvertType.
+NZ_7_1 = (29,)
+NZ_26_0 = (29, 52, 53, 50)
+
 # What op-plugin's npu_grouped_matmul does with group_type 2 (split K), per release:
 K_SPLIT_UNMODELLED = "6.0"   # no group_type at all
 K_SPLIT_BAD_OUTPUT = "7.0"   # accepted, but y is allocated [x[0].size(0), n] (2-D), which CANN rejects
@@ -95,6 +108,7 @@ class Release:
     schemas: tuple[str, ...]   # every grouped-matmul op schema the release defines
     k_split: str               # one of the K_SPLIT_* behaviours above
     add_v2_on_aclnn_only_soc: bool = False  # 26.0.0's GroupedMatmulAddNpuOpApi.cpp dispatch
+    weight_nz_formats: tuple[int, ...] = ()  # weight formats sent to aclnnGroupedMatmulWeightNz (NZ_*)
 
     @property
     def namespace(self) -> str:
@@ -106,15 +120,20 @@ class Release:
 
 
 RELEASES: dict[str, Release] = {r.name: r for r in (
-    Release("6.0.0", "v6.0.0-pytorch2.4.0", "2.4.0.post2", (GMM_6_0,), K_SPLIT_UNMODELLED),
-    Release("7.0.0", "v7.0.0-pytorch2.5.1", "2.5.1", (GMM_7_0, GMM_LIST_7_0), K_SPLIT_BAD_OUTPUT),
-    Release("7.1.0", "v7.1.0-pytorch2.6.0", "2.6.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1), K_SPLIT_REJECTED),
-    Release("7.2.0", "v7.2.0-pytorch2.8.0", "2.8.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1), K_SPLIT_SUPPORTED),
-    Release("7.3.0", "v7.3.0-pytorch2.9.0", "2.9.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1, ADD_OUT_OF_PLACE_7_3),
-            K_SPLIT_SUPPORTED),
+    Release("6.0.0", "v6.0.0-pytorch2.4.0", "2.4.0.post2", (GMM_6_0, GET_NPU_FORMAT, FORMAT_CAST_6_0),
+            K_SPLIT_UNMODELLED),
+    Release("7.0.0", "v7.0.0-pytorch2.5.1", "2.5.1", (GMM_7_0, GMM_LIST_7_0, GET_NPU_FORMAT, FORMAT_CAST_6_0),
+            K_SPLIT_BAD_OUTPUT),
+    Release("7.1.0", "v7.1.0-pytorch2.6.0", "2.6.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1, GET_NPU_FORMAT,
+                                                      FORMAT_CAST_6_0), K_SPLIT_REJECTED, weight_nz_formats=NZ_7_1),
+    Release("7.2.0", "v7.2.0-pytorch2.8.0", "2.8.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1, GET_NPU_FORMAT,
+                                                      FORMAT_CAST_7_2), K_SPLIT_SUPPORTED, weight_nz_formats=NZ_7_1),
+    Release("7.3.0", "v7.3.0-pytorch2.9.0", "2.9.0", (GMM_7_1, GMM_LIST_7_1, ADD_7_1, ADD_OUT_OF_PLACE_7_3,
+                                                      GET_NPU_FORMAT, FORMAT_CAST_7_2), K_SPLIT_SUPPORTED,
+            weight_nz_formats=NZ_7_1),
     Release("26.0.0", "v26.0.0-pytorch2.9.0", "2.9.0.post2",
-            (GMM_26_0, GMM_LIST_7_1, ADD_OUT_OF_PLACE_26_0, ADD_26_0), K_SPLIT_SUPPORTED,
-            add_v2_on_aclnn_only_soc=True),
+            (GMM_26_0, GMM_LIST_7_1, ADD_OUT_OF_PLACE_26_0, ADD_26_0, GET_NPU_FORMAT, FORMAT_CAST_26_0),
+            K_SPLIT_SUPPORTED, add_v2_on_aclnn_only_soc=True, weight_nz_formats=NZ_26_0),
 )}
 
 # c10_npu::SocVersion (Ascend/pytorch torch_npu/csrc/core/npu/NpuVariables.h at v2.9.0-26.0.0), the
