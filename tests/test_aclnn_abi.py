@@ -10,6 +10,9 @@ hardware.
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import subprocess
 from ctypes import POINTER, c_char_p, c_int, c_int64, c_uint64, c_void_p
 
 import pytest
@@ -334,3 +337,107 @@ def test_device_only_group_list_is_never_read_back_by_the_kernels(flags, reads):
     assert (y.double() - ref_y).abs().max() <= tolerance(torch.bfloat16, 8, ref_y.abs().max().item())
     assert (dw.double() - want).abs().max() <= tolerance(torch.bfloat16, 9, want.abs().max().item())
     assert (out.double() - want).abs().max() <= tolerance(torch.float32, 9, want.abs().max().item())
+
+
+# ---- what the binding refuses or cleans up ----------------------------------------------------------
+
+def set_workspace(path, nbytes):
+    fn = ctypes.CDLL(path).cann_double_set_workspace
+    fn.argtypes = [c_uint64]
+    fn(nbytes)
+
+
+def test_a_failed_workspace_allocation_destroys_the_executor():
+    """Phase 1 made an executor that no run will delete: the binding destroys it (aclDestroyAclOpExecutor)."""
+    path = cann_double.library()
+    with cann_double.selected(path):
+        set_workspace(path, 1 << 62)  # no allocator gives 4 EiB: torch.empty raises, the binding reports it
+        try:
+            x, w, gl = torch.randn(6, 4), torch.randn(3, 4, 2), torch.tensor([2, 0, 4])
+            with pytest.raises(RuntimeError, match=r"aclnnGroupedMatmulV5: allocating its workspace of "
+                                                   r"4611686018427387904 bytes failed$"):
+                aclnn.binding().grouped_matmul(x, w, gl, 0, 1)
+            assert cann_double.live(path)["aclOpExecutor"] == 0
+            with pytest.raises(RuntimeError, match=r"aclnnGroupedMatmulAddV2: allocating its workspace"):
+                aclnn.binding().grouped_matmul_add(torch.zeros(3, 4, 2), x.bfloat16(), torch.randn(6, 2).bfloat16(),
+                                                   gl, 1)
+        finally:
+            set_workspace(path, 4096)
+    # selected() checked that no executor, tensor or list is left alive
+
+
+def test_the_doubles_executor_destroy(abi):
+    (x, w, gl, y), (xl, wl, glt, yl) = split_m_case(abi)
+    lib = abi.lib
+    lib.aclDestroyAclOpExecutor.argtypes = [c_void_p]
+    status, ws, ex = abi.gmm_v4(xl, wl, glt, yl)
+    before = abi.live()
+    assert status == 0 and lib.aclDestroyAclOpExecutor(ex) == 0
+    assert abi.live()["aclOpExecutor"] == before["aclOpExecutor"] - 1
+    assert lib.aclDestroyAclOpExecutor(ex) == PARAM_INVALID and "destroyed already" in abi.error()
+    assert lib.aclDestroyAclOpExecutor(None) == 561103
+    destroy(abi, xl, wl, glt, yl)
+
+
+def test_group_list_dtype_is_named():
+    with cann_double.selected(cann_double.library()):
+        b = aclnn.binding()
+        x, w, gl = torch.randn(6, 4), torch.randn(3, 4, 2), torch.tensor([2, 0, 4], dtype=torch.int32)
+        msg = r"^group_list must be int64 for the aclnn backend \(aclnnGroupedMatmul's groupListOptional is INT64\), " \
+              r"got torch.int32\.$"
+        with pytest.raises(TypeError, match=msg):
+            b.grouped_matmul(x, w, gl, 0, 1)
+        with pytest.raises(TypeError, match=msg):
+            b.grouped_matmul_add(torch.zeros(3, 4, 2), x.t().bfloat16(), torch.randn(6, 2).bfloat16(), gl, 1)
+        # through the backend, from a device group_list in int32 (the public API asks for int64 first)
+        with pytest.raises(TypeError, match=msg):
+            aclnn.AclnnBackend().grouped_mm(x, w, Groups(False, gl, 6))
+
+
+@pytest.mark.parametrize("which", ["x", "weight"])
+def test_tensors_in_a_private_npu_format_are_refused(which):
+    """The binding describes base formats only (op-plugin's ConvertType by rank); a FRACTAL_NZ tensor from
+    torch_npu.npu_format_cast would be read as ND: refused, naming it, before anything reaches CANN."""
+    import torch_npu_double
+    path = cann_double.library()
+    with torch_npu_double.installed(), cann_double.selected(path), __import__("gmm_plugin").settings(backend="aclnn"):
+        cast = torch_npu_double.module().npu_format_cast
+        x = torch.randn(6, 32, dtype=torch.bfloat16)
+        w = torch.randn(3, 32, 16, dtype=torch.bfloat16)
+        x, w = (cast(x, 29), w) if which == "x" else (x, cast(w, 29))
+        runs = cann_double.count(path, "aclnnGroupedMatmulV5")
+        with pytest.raises(ValueError, match=rf"^{which} is in NPU format FRACTAL_NZ \(29\); the aclnn backend "
+                                             r"describes tensors as op-plugin does for base formats .* backend 'npu' "
+                                             rf".*: torch_npu\.npu_format_cast\({which}, 2\)\.$"):
+            gmm.npu_gmm_v2(x, w, group_list=torch.tensor([2, 0, 4]))
+        with pytest.raises(ValueError, match=rf"^{which} is in NPU format FRACTAL_NZ"):  # the binding itself too
+            aclnn.binding().grouped_matmul(x, w, torch.tensor([2, 0, 4]), 0, 1)
+        assert cann_double.count(path, "aclnnGroupedMatmulV5") == runs
+
+
+def cann_include() -> str | None:
+    """A CANN include directory (aclnn/acl_meta.h, acl/acl_rt.h, aclnnop/aclnn_grouped_matmul_v5.h):
+    GMM_PLUGIN_CANN_INCLUDE, else $ASCEND_HOME_PATH/include."""
+    home = os.environ.get("ASCEND_HOME_PATH")
+    d = os.environ.get("GMM_PLUGIN_CANN_INCLUDE") or (os.path.join(home, "include") if home else None)
+    return d if d and os.path.isfile(os.path.join(d, "aclnnop", "aclnn_grouped_matmul_v5.h")) else None
+
+
+CXX = shutil.which(os.environ.get("CXX", "c++"))
+CANN_HEADERS = ("acl/acl_rt.h", "aclnn/acl_meta.h", "aclnnop/aclnn_grouped_matmul_v4.h",
+                "aclnnop/aclnn_grouped_matmul_v5.h")
+
+
+@pytest.mark.skipif(cann_include() is None or CXX is None, reason="no CANN include directory (GMM_PLUGIN_CANN_INCLUDE "
+                                                                  "or $ASCEND_HOME_PATH/include) or no C++ compiler")
+@pytest.mark.parametrize("source, flags", [(aclnn.SOURCE, ["-DGMM_PLUGIN_CANN_HEADERS"]),
+                                           (cann_double.SOURCE, ["-x", "c++", "-DCANN_DOUBLE_CANN_HEADERS"])],
+                         ids=["binding", "double"])
+def test_declarations_are_cann_headers(source, flags):
+    """Both compiled against CANN's own headers (included first, so a source that declares CANN's names its own
+    way cannot compile): the binding asserts each function pointer type is the header's; each of the double's
+    definitions would be a conflicting declaration of a C function otherwise."""
+    first = [a for h in CANN_HEADERS for a in ("-include", h)]
+    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", *flags, "-I", cann_include(), *first, source]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"

@@ -393,3 +393,97 @@ def test_double_add_op_contract():
         add_(out, x, dy, torch.tensor([2, 6]))
     with pytest.raises(double.KernelContractViolation, match="decreasing"):  # counts [2, 3] read as cumsum: fine,
         add_(out, x, dy, torch.tensor([3, 2]))                                # [3, 2] is not a cumsum
+
+
+# ---- tensors in a private NPU format (torch_npu.npu_format_cast) --------------------------------
+
+def nz(t: torch.Tensor) -> torch.Tensor:
+    """t in FRACTAL_NZ, as torch_npu.npu_format_cast(t, 29) gives it (the double's stand-in)."""
+    return double.module(double.DEFAULT_RELEASE).npu_format_cast(t, 29)
+
+
+def test_a_fractal_nz_weight_reaches_npu_grouped_matmul_whole(npu):
+    """op-plugin 7.1.0+ runs an NZ weight on aclnnGroupedMatmulWeightNz (described by its storage desc):
+    forward and dX get the weight itself (dX as a transposed view), dW does not involve it."""
+    x = torch.randn(10, 32, dtype=torch.bfloat16, requires_grad=True)
+    w = nz(torch.randn(3, 32, 16, dtype=torch.bfloat16)).requires_grad_(True)
+    assert npu_backend.private_format(w) == 29
+    y = gmm.npu_gmm_v2(x, w, group_list=torch.tensor([3, 0, 7]))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    fwd, dx, dw = kernel_calls(npu)
+    assert fwd["kernel"] == dx["kernel"] == "aclnnGroupedMatmulWeightNz" and dw["kernel"] == "aclnnGroupedMatmulV5"
+    assert fwd["weight"][0] is w and same_memory(dx["weight"][0], w) and dx["weight"][0].shape == (3, 16, 32)
+    ref_x = x.detach().double().requires_grad_(True)
+    ref_w = w.detach().double().requires_grad_(True)
+    ref = gmm_reference(ref_x, ref_w, [3, 0, 7])
+    ref.backward(dy.double())
+    assert close(y, ref, torch.bfloat16, 32)
+    assert close(x.grad, ref_x.grad, torch.bfloat16, 16) and close(w.grad, ref_w.grad, torch.bfloat16, 10)
+
+
+@pytest.mark.parametrize("case", ["slices of experts", "one expert", "split K"])
+def test_a_private_format_operand_the_backend_would_slice_is_refused(npu, monkeypatch, case):
+    """Where the backend cuts the weight (1024-group slices, one expert's matmul) or builds split-K views, a
+    private layout would be read through a view neither op-plugin nor CANN defines: a ValueError naming it."""
+    monkeypatch.setattr(npu_backend, "MAX_GROUPS_PER_CALL", 2)  # 3 experts: two calls on slices of the weight
+    experts = 1 if case == "one expert" else 3
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    w = nz(torch.randn(experts, 32, 16, dtype=torch.bfloat16))
+    counts = [6] if experts == 1 else [2, 0, 4]
+    npu.clear()
+    if case == "split K":  # group_type 2: x [M, K'] grouped along K', weight [K', N]
+        with pytest.raises(ValueError, match=r"^weight is in NPU format FRACTAL_NZ \(29\); the npu backend passes "
+                                             r"tensors in a private format to the kernel only whole, and split-K"):
+            gmm.npu_gmm_v2(torch.randn(8, 6, dtype=torch.bfloat16), nz(torch.randn(6, 16, dtype=torch.bfloat16)),
+                           group_list=torch.tensor([2, 4]), group_type=2)
+    else:
+        detail = "more than 2 experts go to the kernel in slices" if experts == 3 else \
+            r"one expert is a plain matmul of weight\[0\]"
+        with pytest.raises(ValueError, match=rf"^weight is in NPU format FRACTAL_NZ \(29\); .*{detail}\. Cast it to "
+                                             r"ND first: torch_npu\.npu_format_cast\(weight, 2\)\.$"):
+            gmm.npu_gmm_v2(x, w, group_list=torch.tensor(counts))
+    assert kernel_calls(npu) == []
+    ok = gmm.npu_gmm_v2(x, npu_backend_nd(w), group_list=torch.tensor(counts))  # the way out the message names
+    assert close(ok, gmm_reference(x, w, counts), torch.bfloat16, 32)
+
+
+def npu_backend_nd(t):
+    return double.module(double.DEFAULT_RELEASE).npu_format_cast(t, 2)
+
+
+@pytest.mark.parametrize("release, cann, kernel", [
+    ("7.0.0", None, "aclnnGroupedMatmulV4"),              # no NZ branch: V4, whose CheckFormat takes NZ weights
+    ("7.3.0", None, "aclnnGroupedMatmulWeightNz"),
+    ("26.0.0", None, "aclnnGroupedMatmulWeightNz"),
+    ("7.3.0", frozenset({"aclnnGroupedMatmulV4", "aclnnGroupedMatmulV5"}), "current CANN version do not support"),
+])
+def test_nz_weights_by_release(release, cann, kernel):
+    """What each release's op-plugin does with an NZ weight (GroupedMatmulKernelNpuOpApi.cpp at its tag)."""
+    x = torch.randn(6, 32, dtype=torch.float16)
+    w = nz(torch.randn(2, 32, 16, dtype=torch.float16))
+    groups = Groups(False, torch.tensor([2, 4]), 6, host=(2, 4))
+    with double.installed(release, cann_kernels=cann):
+        double.calls.clear()
+        if kernel.startswith("aclnn"):
+            y = NpuBackend().grouped_mm(x, w, groups)
+            assert kernel_calls(double.calls)[0]["kernel"] == kernel
+            assert close(y, gmm_reference(x, w, [2, 4]), torch.float16, 32)
+        else:
+            with pytest.raises(RuntimeError, match=kernel):
+                NpuBackend().grouped_mm(x, w, groups)
+
+
+def test_the_double_reports_formats_with_torch_npus_schema():
+    m = double.module("7.3.0")
+    assert str(m.get_npu_format.default._schema) == "npu::get_npu_format(Tensor self) -> int".replace(
+        "npu::", f"{double.RELEASES['7.3.0'].namespace}::")
+    w = torch.randn(2, 20, 8, dtype=torch.bfloat16)
+    assert m.get_npu_format(w) == 2 and m.npu_format_cast(w, 2) is w
+    w_nz = m.npu_format_cast(w, 29)
+    assert m.get_npu_format(w_nz) == 29 and m.get_npu_format(w_nz.transpose(-1, -2)) == 29  # the storage's
+    assert double.formats.storage_sizes(w_nz) == (2, 1, 2, 16, 16) and torch.equal(w_nz, w)
+    with pytest.raises(double.KernelContractViolation, match="a view .* into a storage of NPU format 29"):
+        m.npu_grouped_matmul([torch.randn(4, 32, dtype=torch.bfloat16)],
+                             [m.npu_format_cast(torch.randn(3, 32, 16, dtype=torch.bfloat16), 29)[1:]],
+                             **gmm_args(group_list=torch.tensor([2, 2])))
