@@ -22,6 +22,9 @@ CPU tensors with a null stream. On an NPU the stream is torch_npu's current one
 (`torch.npu.current_stream().npu_stream`, which first drains torch_npu's task queue, so the kernel
 runs after everything queued before it).
 
+Tensors are described as op-plugin describes base formats; one in a private NPU format (its storage dims are
+not readable from Python) is refused with a ValueError naming it.
+
 Host reads: none. The group_list goes to the kernel as a device tensor (Groups.counts /
 safe_offsets); only the npu backend's host-bounded paths (more than 1024 groups, no Add op) use
 Groups.segments().

@@ -40,6 +40,11 @@ Host reads: none when the caller's group_list is host data (the dispatcher's tok
 A group_list that lives only on the device is read back once (Groups.segments) only where the work
 must be cut at group bounds on the host: more than 1024 groups, or split K / fusion on 7.0.0-7.1.0.
 
+Tensors in a private NPU format (FRACTAL_NZ from torch_npu.npu_format_cast; torch_npu.get_npu_format) go
+to torch_npu's ops only whole, where op-plugin describes them by their storage desc (an NZ weight runs on
+aclnnGroupedMatmulWeightNz from 7.1.0); where this backend would slice or regroup them: a ValueError naming
+the tensor (check_formats; docs/npu.md).
+
 torch_npu is imported lazily, on first use: `import gmm_plugin` never imports torch_npu.
 """
 from __future__ import annotations

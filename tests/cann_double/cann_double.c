@@ -13,8 +13,11 @@
  * behaviour is undocumented instead of guessing it.
  *
  * Build variants drop exports to test the binding's fallbacks: -DCANN_DOUBLE_NO_V5, _NO_V4, _NO_ADD,
- * _NO_ADDV2. cann_double_count() is the double's own (not a CANN name): live objects per kind and the
- * count of ownership/lifetime violations, so a test sees a leak or a double free.
+ * _NO_ADDV2. cann_double_count() and cann_double_set_workspace() are the double's own (not CANN names):
+ * live objects per kind and the count of ownership/lifetime violations, so a test sees a leak or a
+ * double free; the workspace phase 1 asks for, so a test can make its allocation fail. It is C and
+ * also valid C++: with -x c++ -DCANN_DOUBLE_CANN_HEADERS and a CANN include directory it is compiled
+ * against CANN's own declarations (tests/test_aclnn_abi.py::test_declarations_are_cann_headers).
  */
 #include <stdarg.h>
 #include <stdbool.h>
@@ -220,7 +223,8 @@ aclnnStatus aclDestroyTensorList(const aclTensorList *list) {
  * executor of a phase 1 it does not run); a run deletes the executor itself. 561103: NULL (its docs). */
 aclnnStatus aclDestroyAclOpExecutor(aclOpExecutor *executor) {
     if (executor == NULL) return fail(561103, "aclDestroyAclOpExecutor: executor is NULL");
-    if (executor->magic != ALIVE) return VIOLATION("aclDestroyAclOpExecutor: the executor ran or was destroyed already");
+    if (executor->magic != ALIVE)
+        return VIOLATION("aclDestroyAclOpExecutor: the executor ran or was destroyed already");
     executor->magic = DEAD;
     live_executors--;
     return OK;

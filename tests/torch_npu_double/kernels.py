@@ -124,7 +124,8 @@ def _gmm_kernel(state: State, op: str, xt, wt, group_type: int) -> str:
         raise RuntimeError(f"{op}: Format of x[0] {xfmt} is invalid {PARAM_INVALID}.")
     if wfmt in _BASE_FORMATS:
         return kernel
-    if wfmt not in (formats.FRACTAL_NZ, 50):  # CheckFormat: of the private formats, weight takes NZ (and NZ_C0_16)
+    if wfmt not in (formats.FRACTAL_NZ, 50) + state.release.weight_nz_formats:
+        # CheckFormat: of the private formats, weight takes NZ (and NZ_C0_16) unless op-plugin routes it to WeightNz
         raise RuntimeError(f"{op}: Format of weight[0] {wfmt} is invalid {PARAM_INVALID}.")
     if not formats.is_whole(wt):
         raise KernelContractViolation(
