@@ -444,12 +444,9 @@ def test_a_private_format_operand_the_backend_would_slice_is_refused(npu, monkey
                                              r"ND first: torch_npu\.npu_format_cast\(weight, 2\)\.$"):
             gmm.npu_gmm_v2(x, w, group_list=torch.tensor(counts))
     assert kernel_calls(npu) == []
-    ok = gmm.npu_gmm_v2(x, npu_backend_nd(w), group_list=torch.tensor(counts))  # the way out the message names
+    nd = double.module(double.DEFAULT_RELEASE).npu_format_cast(w, 2)  # the way out the message names
+    ok = gmm.npu_gmm_v2(x, nd, group_list=torch.tensor(counts))
     assert close(ok, gmm_reference(x, w, counts), torch.bfloat16, 32)
-
-
-def npu_backend_nd(t):
-    return double.module(double.DEFAULT_RELEASE).npu_format_cast(t, 2)
 
 
 @pytest.mark.parametrize("release, cann, kernel", [
@@ -476,8 +473,7 @@ def test_nz_weights_by_release(release, cann, kernel):
 
 def test_the_double_reports_formats_with_torch_npus_schema():
     m = double.module("7.3.0")
-    assert str(m.get_npu_format.default._schema) == "npu::get_npu_format(Tensor self) -> int".replace(
-        "npu::", f"{double.RELEASES['7.3.0'].namespace}::")
+    assert str(m.get_npu_format.default._schema).endswith("::get_npu_format(Tensor self) -> int")
     w = torch.randn(2, 20, 8, dtype=torch.bfloat16)
     assert m.get_npu_format(w) == 2 and m.npu_format_cast(w, 2) is w
     w_nz = m.npu_format_cast(w, 29)
