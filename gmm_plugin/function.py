@@ -86,13 +86,16 @@ class GroupedMatmulFunction(torch.autograd.Function):
         if bias is not None:
             y = _add_bias(y, bias, call)
         ctx.call = call
-        ctx.save_for_backward(x, weight, bias, original_weight)
+        # original_weight is kept as it is, not saved: saved-tensor hooks (non-reentrant
+        # checkpointing, offloading) hand back a plain tensor without its main_grad.
+        ctx.original_weight = original_weight
+        ctx.save_for_backward(x, weight, bias)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, original_weight = ctx.saved_tensors
-        call: Call = ctx.call
+        x, weight, bias = ctx.saved_tensors
+        original_weight, call = ctx.original_weight, ctx.call
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = compute_dtype(x)
         # contiguous(): a stride-0 grad (from y.sum()) breaks torch._grouped_mm's backward.
