@@ -71,3 +71,20 @@ def test_second_order_gradients_match_a_float64_mm_loop(backend_name, group_type
         results.append([t.double() for t in (gx, gw, hx, hw)])
     for got, want in zip(*results):  # values are O(10-100) after two products over <= 6 terms: fp32
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_create_graph_with_gemm_fusion_adds_the_first_order_gradient_into_main_grad():
+    x, w, _ = _operands(0, False, dtype=torch.float32)
+    p = torch.nn.Parameter(w.detach().clone())
+    p.main_grad = torch.zeros(p.shape)
+    xi = x.detach().clone().requires_grad_()
+    y = gmm.npu_gmm_v2(xi, p, group_list=COUNTS, gemm_fusion=True, original_weight=p)
+    (gx,) = torch.autograd.grad((y ** 2).sum(), (xi,), create_graph=True)
+    first = p.main_grad.clone()  # every backward pass through the call adds its weight gradient
+    (hx,) = torch.autograd.grad((gx ** 2).sum(), (xi,))
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = gmm_reference(xr, wr, COUNTS)
+    gxr, gwr = torch.autograd.grad((yr ** 2).sum(), (xr, wr), create_graph=True)
+    (hxr,) = torch.autograd.grad((gxr ** 2).sum(), (xr,))
+    assert torch.allclose(first.double(), gwr, rtol=1e-5, atol=1e-4)  # first order, in main_grad
+    assert torch.allclose(hx.double(), hxr, rtol=1e-5, atol=1e-4)
