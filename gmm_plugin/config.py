@@ -18,15 +18,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from . import settings as _settings
-from .settings import CHOICES as _SETTINGS_CHOICES, Settings
+from .backends import NAMES as BACKEND_NAMES
+from .settings import FUSED_WGRAD_DTYPES, Settings
 
 SECTION = "gmm_plugin"
 ENV_PREFIX = "GMM_PLUGIN_"
 _CHOICES = {
-    **_SETTINGS_CHOICES,  # backend, fused_wgrad_dtype: settings.py owns them
+    "backend": BACKEND_NAMES,
     "group_list_form": ("counts", "cumsum"),
     "cpu_shim": ("auto", "on", "off"),
+    "fused_wgrad_dtype": FUSED_WGRAD_DTYPES,
 }
+# Strings parse with settings.py's parser (parse_choice, parse_bool): one rule for every key.
 
 
 class ConfigError(ValueError):
