@@ -273,12 +273,12 @@ def revert() -> None:
         cpu_platform.disable()
         _shim_ours = False
     _patches.restore()
-    from gmm_plugin import fusion
-    fusion.release_dummies()  # the DDP dummy gradients of the patched experts' fused backward
     if _settings_before is not None:
         from gmm_plugin import settings
         settings.configure(_settings_before)
         _settings_before = None
+    from gmm_plugin import fusion
+    fusion.release_dummies()  # the DDP dummy gradients of the patched experts' fused backward
     _report = None
 
 
