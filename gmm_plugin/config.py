@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from . import settings as _settings
 from .backends import NAMES as BACKEND_NAMES
 from .settings import FUSED_WGRAD_DTYPES, Settings
 
@@ -28,8 +29,7 @@ _CHOICES = {
     "cpu_shim": ("auto", "on", "off"),
     "fused_wgrad_dtype": FUSED_WGRAD_DTYPES,
 }
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+# Strings parse with settings.py's parser (parse_choice, parse_bool): one rule for every key.
 
 
 class ConfigError(ValueError):
@@ -199,26 +199,14 @@ def _coerce(key: str, value, where: str | None, prefix: str = "") -> Any:
 
 
 def _choice(key: str, value: str, where: str, label: str | None = None) -> str:
-    norm = value.strip().lower()
-    if norm not in _CHOICES[key]:
-        close = difflib.get_close_matches(norm, _CHOICES[key], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: key '{label or key}' must be one of {', '.join(_CHOICES[key])}, "
-                          f"got {value!r}{hint}.")
-    return norm
+    return _settings.parse_choice(value, _CHOICES[key], where, label or key, ConfigError)
 
 
 def _from_string(key: str, raw: str, where: str) -> Any:
-    """Parse one environment variable."""
+    """Parse one environment variable (settings.py's parser: one rule for every key)."""
     if key in _CHOICES:
         return _choice(key, raw, where)
-    norm = raw.strip().lower()
-    if norm in _TRUE:
-        return True
-    if norm in _FALSE:
-        return False
-    raise ConfigError(f"{where}: key '{key}' must be a boolean ({'/'.join(_TRUE)} or {'/'.join(_FALSE)}), "
-                      f"got {raw!r}.")
+    return _settings.parse_bool(raw, where, key, ConfigError)
 
 
 def describe(cfg: GmmPluginConfig) -> str:

@@ -8,6 +8,10 @@ Forward and both gradients are grouped products on the chosen backend:
 
 dW keeps weight's layout: for a transposed view of a contiguous [E, N, K] weight it is computed as
 gmm_k(dy^T, x) and returned transposed, with no copy. grad_bias is the per-group sum of dy.
+
+Under create_graph (double backward: grad mode is on in backward) the same gradients are calls of
+this Function itself (gmm_k is group_type 2, gmm group_type 0), so autograd can differentiate them
+again; a fused weight gradient still goes into main_grad, outside autograd (first order only).
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor, call: Call) -> torch.Tensor:
 
 
 def _bias_grad(grad: torch.Tensor, bias: torch.Tensor, call: Call) -> torch.Tensor:
-    g = grad.to(torch.float32)
+    g = grad.to(torch.promote_types(grad.dtype, torch.float32))  # 16-bit sums in fp32, float64 kept
     if call.group_type == 2:
         out = g.sum(dim=1)
     elif call.group_type == -1:
@@ -86,13 +90,18 @@ class GroupedMatmulFunction(torch.autograd.Function):
         if bias is not None:
             y = _add_bias(y, bias, call)
         ctx.call = call
-        ctx.save_for_backward(x, weight, bias, original_weight)
+        # original_weight is kept as it is, not saved: saved-tensor hooks (non-reentrant
+        # checkpointing, offloading) hand back a plain tensor without its main_grad.
+        ctx.original_weight = original_weight
+        ctx.save_for_backward(x, weight, bias)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, original_weight = ctx.saved_tensors
-        call: Call = ctx.call
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad)
+        x, weight, bias = ctx.saved_tensors
+        original_weight, call = ctx.original_weight, ctx.call
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = compute_dtype(x)
         # contiguous(): a stride-0 grad (from y.sum()) breaks torch._grouped_mm's backward.
@@ -128,3 +137,39 @@ class GroupedMatmulFunction(torch.autograd.Function):
         gx = None if gx is None else gx.to(x.dtype)
         gw = None if gw is None else gw.to(weight.dtype)
         return gx, gw, gb, None, None
+
+
+def _differentiable_backward(ctx, grad):
+    """backward as calls of GroupedMatmulFunction (differentiable again), for create_graph."""
+    x, weight, bias = ctx.saved_tensors
+    original_weight, call = ctx.original_weight, ctx.call
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+
+    def gmm(a, b, group_type):  # y = a @ b per group: group_type 0 splits a's rows, 2 the inner axis
+        return GroupedMatmulFunction.apply(a, b, None, None, Call(group_type, call.groups, call.backend,
+                                                                  False, call.wgrad_dtype))
+    gx = gw = gb = None
+    if call.group_type == 0:
+        if need_x:
+            gx = gmm(grad, weight.transpose(-1, -2), 0)
+        if need_w and call.gemm_fusion:
+            with torch.no_grad():  # main_grad is a buffer: the first-order gradient only
+                dtype = compute_dtype(x)
+                call.backend.accumulate_k(fusion.main_grad_view(original_weight, weight), x.to(dtype).t(),
+                                          grad.to(dtype).contiguous(), call.groups, wgrad_dtype=call.wgrad_dtype)
+            gw = fusion.weight_grad_after_fusion(original_weight, weight)
+        elif need_w:
+            gw = gmm(x.t(), grad, 2)
+    elif call.group_type == 2:
+        if need_x:
+            gx = gmm(weight, grad.transpose(-1, -2), 0).t()
+        if need_w:
+            gw = gmm(x.t(), grad, 0)
+    else:
+        if need_x:
+            gx = torch.mm(grad, weight.t())
+        if need_w:
+            gw = torch.mm(x.t(), grad)
+    if need_b:
+        gb = _bias_grad(grad, bias, call)
+    return gx, gw, gb, None, None

@@ -277,6 +277,8 @@ def revert() -> None:
         from gmm_plugin import settings
         settings.configure(_settings_before)
         _settings_before = None
+    from gmm_plugin import fusion
+    fusion.release_dummies()  # the DDP dummy gradients of the patched experts' fused backward
     _report = None
 
 

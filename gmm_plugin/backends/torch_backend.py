@@ -7,9 +7,16 @@ over `Groups.segments()` here instead: host sizes the caller already had, no syn
 the op's fallback is the same loop and costs nothing extra. torch._grouped_mm wants int32
 cumulative end offsets (`Groups.safe_offsets`, so a bad device group_list never sends it out of
 bounds), 16-byte aligned strides and one of the two last dims contiguous; it has no bias and
-cannot accumulate into an existing tensor.
+cannot accumulate into an existing tensor. Its split-K form (a weight gradient) is not trusted
+with empty groups on CUDA: SM100 leaves non-zero values there (pytorch issue #172439), ROCm
+uninitialised memory (pytorch PR #174314); `_zero_empty_groups` zeroes them on the device.
+
+CUDA paths, none of which has run on a GPU here (no GPU in this project's sessions): see
+`_accumulate` for the fp32 fused form, `accumulate_k` for the one temporary.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -20,6 +27,10 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN = 16  # bytes; torch._grouped_mm rejects other strides ("strides should be multiple of 16 bytes")
 _CUDA_NATIVE_ARCHS = (9, 10)  # SM90 / SM100: the CUTLASS kernel (bf16 only); elsewhere a syncing fallback
 _BLOCK_ROWS = 256  # summed rows converted to fp32 at a time when out is wider than a, b
+# Devices whose torch._grouped_mm split-K output is taken as it is for empty groups (elsewhere
+# they are zeroed), and devices where the fused backward uses one grouped GEMM + add (no host sync).
+_SPLIT_K_TRUSTED = ("cpu",)
+_GROUPED_ACCUMULATE = ("cuda",)
 
 
 def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
@@ -47,6 +58,30 @@ def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _zero_empty_groups(r: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """r [E, P, N] (a split-K product) with the groups that have no rows set to zero, in place, on
+    r's device from the device counts: no host sync. A fill, not a multiply by (count > 0): the
+    values left there may be NaN, and 0 * NaN is NaN."""
+    return r.masked_fill_((groups.counts() == 0).view(-1, 1, 1), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_addmm_ok(device: torch.device, operand: torch.dtype, out: torch.dtype) -> bool:
+    """torch.addmm(out, a, b, out_dtype=out.dtype, out=out), a and b narrower than out, runs here.
+
+    Asked of torch once per device and dtypes (an exception is the answer; no value is read back,
+    so no host sync): the `out_dtype` argument exists from torch 2.8, and until pytorch PR #167931
+    CUDA's kernel requires `self` in mat2's dtype, which an fp32 main_grad with bf16 operands is
+    not; CPUs have no such kernel (NotImplementedError on 2.13)."""
+    try:
+        acc = torch.zeros(1, 1, dtype=out, device=device)
+        one = torch.ones(1, 1, dtype=operand, device=device)
+        torch.addmm(acc, one, one, out_dtype=out, out=acc)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _accumulate(out, a, b, s, t, wgrad_dtype):
     """out += a[:, s:t] @ b[s:t], out wider than a and b (fp32 main_grad) or the same dtype.
 
@@ -58,12 +93,12 @@ def _accumulate(out, a, b, s, t, wgrad_dtype):
     faster than 256-row blocks at the bench's E=8 layer shapes)."""
     if a.dtype == out.dtype and b.dtype == out.dtype:
         out.addmm_(a[:, s:t], b[s:t])
-    elif out.device.type == "cuda" and wgrad_dtype == "fp32":
-        # cuBLAS: 16-bit operands, fp32 sums, accumulated into out in place (beta = 1).
-        torch.addmm(out, a[:, s:t], b[s:t], out_dtype=out.dtype, out=out)
     elif wgrad_dtype == "input":  # one rounding to a's dtype, then the fp32 add
         out.add_(torch.mm(a[:, s:t], b[s:t]))
-    else:  # blocks of the summed rows, converted: fp32 products and sums
+    elif out.device.type != "cpu" and _mixed_addmm_ok(out.device, a.dtype, out.dtype):
+        # cuBLAS: 16-bit operands, fp32 sums, accumulated into out in place (beta = 1), no temporary.
+        torch.addmm(out, a[:, s:t], b[s:t], out_dtype=out.dtype, out=out)
+    else:  # every torch, every device: blocks of the summed rows, converted: fp32 products and sums
         for lo in range(s, t, _BLOCK_ROWS):
             hi = min(lo + _BLOCK_ROWS, t)
             out.addmm_(a[:, lo:hi].to(out.dtype), b[lo:hi].to(out.dtype))
@@ -124,7 +159,8 @@ class TorchBackend:
     def grouped_mm_k(self, a, b, groups: Groups):
         n = self._workers_k(a, b, groups)
         if not n and a.shape[1] > 0 and _grouped_mm_ok(a, b):
-            return torch._grouped_mm(a, b, groups.safe_offsets())
+            r = torch._grouped_mm(a, b, groups.safe_offsets())
+            return r if r.device.type in _SPLIT_K_TRUSTED else _zero_empty_groups(r, groups)
         out = a.new_empty(groups.num_groups, a.shape[0], b.shape[1])
         for e, s, t in groups.segments():
             if s == t:
@@ -150,10 +186,13 @@ class TorchBackend:
                 _accumulate(out[e, lo:hi], a[lo:hi], b, s, t, wgrad_dtype)
             cpu_workers.run(_split_k_pieces(groups, a.shape[0], n), do, n)
             return
-        if out.device.type == "cuda" and (wgrad_dtype == "input" or a.dtype == out.dtype) \
+        if out.device.type in _GROUPED_ACCUMULATE and (wgrad_dtype == "input" or a.dtype == out.dtype) \
                 and _grouped_mm_ok(a, b):
-            # One grouped GEMM in a's dtype into a temporary, then one add (no host sync).
-            out.add_(torch._grouped_mm(a, b, groups.safe_offsets()))
+            # One grouped GEMM in a's dtype into a temporary [E, P, N] (half of an fp32 out for
+            # bf16 a: the one gradient-sized allocation of a fused backward, README), its empty
+            # groups zeroed, then one add: no host sync, where the loop below needs host sizes.
+            r = torch._grouped_mm(a, b, groups.safe_offsets())
+            out.add_(r if r.device.type in _SPLIT_K_TRUSTED else _zero_empty_groups(r, groups))
             return
         for e, s, t in groups.segments():
             if t > s:
