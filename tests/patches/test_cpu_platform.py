@@ -264,3 +264,56 @@ def test_glibc_keeps_freed_memory_while_on(shim):
     assert _mmapped_bytes_while_holding(nbytes) == 0
     shim.disable()
     assert _mmapped_bytes_while_holding(nbytes) >= nbytes
+
+
+_MMAP_AFTER_ENABLE_DISABLE = """
+import ctypes, os, sys, torch
+sys.path.insert(0, os.getcwd())
+from patches import cpu_platform
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+def mmapped_chunks():  # mmapped chunks while one 64 MiB block is alive
+    before = mallinfo2().hblks
+    block = torch.empty(64 << 20, dtype=torch.uint8)
+    return mallinfo2().hblks - before
+os.environ.update(LATE)  # set after start-up: glibc never reads it
+print(mmapped_chunks(), end=" ")
+cpu_platform.enable(force=True)
+cpu_platform.disable()
+print(mmapped_chunks())
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.parametrize("startup, late, expected", [
+    ({"MALLOC_MMAP_MAX_": "0"}, {}, "0 0"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, {}, "0 0"),
+    ({}, {"MALLOC_MMAP_MAX_": "0"}, "1 1"),  # only the start-up environment counts
+])
+def test_disable_restores_the_malloc_settings_the_process_started_with(startup, late, expected):
+    """Issue 21 item 3: disable() wrote glibc's compiled-in defaults, so a process started with
+    MALLOC_MMAP_MAX_=0 (or the tunable) got mmapped chunks again after enable/disable."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")}
+    env.update(startup)
+    script = f"LATE = {late!r}\n" + _MMAP_AFTER_ENABLE_DISABLE
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected, out.stdout
+
+
+def test_startup_malloc_values_follow_glibc_precedence():
+    M, T = cpu_platform._M_MMAP_MAX, cpu_platform._M_TRIM_THRESHOLD
+    values = cpu_platform._startup_malloc_values
+    assert values({}) == {M: 65536, T: 128 * 1024}
+    assert values({"MALLOC_MMAP_MAX_": "7", "MALLOC_TRIM_THRESHOLD_": "0x1000"}) == {M: 7, T: 4096}
+    # GLIBC_TUNABLES over the alias, its last entry for a name, garbage ignored
+    env = {"MALLOC_MMAP_MAX_": "7", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=1:glibc.malloc.mmap_max=2:x"}
+    assert values(env)[M] == 2
+    assert values({"MALLOC_MMAP_MAX_": "lots"})[M] == 65536
