@@ -350,6 +350,11 @@ class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
     grad.type() == 'torch.cuda.FloatTensor'; on a CPU run those mean the CPU. A torch function
     mode: active inside its `with`, or for a whole run through enable_training()."""
 
+    # The CPU GEMM workers run a grouped product's pieces on threads where this mode is not
+    # pushed: allowed, since none of their calls has a CUDA device, .cuda() or .type() (with the
+    # mode pushed for a whole run, the pool was otherwise off for every forward GEMM).
+    gmm_plugin_workers_may_skip = True
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         device = kwargs.get("device")

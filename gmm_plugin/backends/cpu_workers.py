@@ -7,8 +7,9 @@ GEMM keeps the cores busy with no barriers (docs/benchmarks.md has the measureme
 calling thread waits. The products are the same GEMMs on sub-blocks, so results differ from a
 whole-group GEMM at most by the kernel's blocking (rounding order), never by more.
 
-Used only for real CPU tensors, outside autograd recording, autocast and dispatch modes, with
-more than one intra-op thread, and for shapes where it measured faster (see the thresholds
+Used only for real CPU tensors, outside autograd recording, autocast, dispatch modes and torch
+function modes (but those that declare they change none of the workers' calls), with more than
+one intra-op thread, and for shapes where it measured faster (see the thresholds
 below); otherwise the caller runs the usual multi-threaded path.
 """
 from __future__ import annotations
@@ -214,10 +215,24 @@ def usable_workers(flops: float, group_rows: float, group_cells: int, *tensors: 
             return 0
     # Autocast and dispatch/function modes are thread-local: the workers would not see them.
     if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None \
-            or torch._C._is_torch_function_mode_enabled():
+            or _function_mode_the_workers_would_miss():
         return 0
     n = min(torch.get_num_threads(), os.cpu_count() or 1)
     return n if n > 1 else 0
+
+
+# A torch function mode class may say, in its own class body (a subclass that overrides
+# __torch_function__ does not inherit the claim), that it returns what the plain call would for
+# every call a piece makes (slicing, .to(dtype), mm / addmm_ / add_ with out or in place,
+# zero_): then the workers may run without it. The CPU shim's literal-CUDA mode does.
+WORKERS_MAY_SKIP = "gmm_plugin_workers_may_skip"
+
+
+def _function_mode_the_workers_would_miss() -> bool:
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    stack = (torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack()))
+    return not all(vars(type(mode)).get(WORKERS_MAY_SKIP, False) for mode in stack)
 
 
 def run(pieces, do, workers: int) -> None:

@@ -317,3 +317,44 @@ def test_startup_malloc_values_follow_glibc_precedence():
     env = {"MALLOC_MMAP_MAX_": "7", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=1:glibc.malloc.mmap_max=2:x"}
     assert values(env)[M] == 2
     assert values({"MALLOC_MMAP_MAX_": "lots"})[M] == 65536
+
+
+def _pool_runs_per_step(monkeypatch):
+    """Pool runs of one forward+backward of a grouped product the CPU workers take (the shapes of
+    tests/test_cpu_workers.py's inference test: natural thresholds, two threads)."""
+    import gmm_plugin
+    from gmm_plugin.backends import cpu_workers
+    calls = []
+    real = cpu_workers.run
+    monkeypatch.setattr(cpu_workers, "run", lambda pieces, do, n: calls.append(n) or real(pieces, do, n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1024, generator=g).requires_grad_(True)
+    w = torch.randn(8, 1024, 1024, generator=g).requires_grad_(True)
+    with gmm_plugin.settings(backend="torch"):
+        y = gmm_plugin.npu_gmm_v2(x, w, group_list=[256] * 8)
+        y.backward(torch.ones_like(y))
+    return len(calls), y.detach(), x.grad, w.grad
+
+
+def test_enable_training_keeps_the_cpu_pool_for_forward_gemms(monkeypatch):
+    """Issue 21 item 7: enable_training() leaves its literal-CUDA torch function mode pushed, and
+    the pool refused every function mode: the forward GEMM (3 pool runs per step: forward, dx, dW)
+    ran without the workers. The same step with the mode pushed uses the pool as often and gives
+    the same numbers."""
+    plain = _pool_runs_per_step(monkeypatch)
+    assert plain[0] == 3, "the shapes no longer reach the worker pool"
+    assert cpu_platform.enable_training(force=True)
+    try:
+        training = _pool_runs_per_step(monkeypatch)
+    finally:
+        cpu_platform.disable()
+    assert training[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(training[1:], plain[1:]))
+
+    class Other(torch.overrides.TorchFunctionMode):  # any other mode still keeps the workers off
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Other():  # (the backward's GEMMs run outside function modes: autograd does not carry them)
+        assert _pool_runs_per_step(monkeypatch)[0] == plain[0] - 1
