@@ -245,8 +245,9 @@ def enable(force: bool = False) -> bool:
         _patch_megatron()
         logging.getLogger(_RNG_LOGGER).addFilter(_RNG_FILTER)
         _glibc_keeps_freed_memory(True)
-    except BaseException:
+    except BaseException:  # nothing half-installed stays behind
         _glibc_keeps_freed_memory(False)
+        logging.getLogger(_RNG_LOGGER).removeFilter(_RNG_FILTER)
         _patches.restore()
         raise
     _enabled = True
@@ -502,6 +503,7 @@ def enable_training(force: bool = False) -> bool:
     global _literals_mode
     if _literals_mode is not None:
         return True
+    shim_was_on = _enabled
     if not enable(force=force):
         return False
     try:
@@ -510,8 +512,10 @@ def enable_training(force: bool = False) -> bool:
         mode = _CudaLiteralsOnCpu()
         mode.__enter__()
         _literals_mode = mode
-    except BaseException:
+    except BaseException:  # back to where the call started, the shim included
         _training.restore()
+        if not shim_was_on:
+            disable()
         raise
     return True
 

@@ -358,3 +358,56 @@ def test_enable_training_keeps_the_cpu_pool_for_forward_gemms(monkeypatch):
 
     with Other():  # (the backward's GEMMs run outside function modes: autograd does not carry them)
         assert _pool_runs_per_step(monkeypatch)[0] == plain[0] - 1
+
+
+# ---------------------------------------------------------------- faults halfway (docs/robustness.md)
+
+class _Injected(Exception):
+    pass
+
+
+def _shim_state():
+    import logging
+    return (_snapshot(), list(logging.getLogger(cpu_platform._RNG_LOGGER).filters), cpu_platform.is_enabled(),
+            cpu_platform.training_enabled(), cpu_platform._kept_memory, torch._C._len_torch_function_stack())
+
+
+def _fail_glibc_keep(real):
+    def glibc(keep):
+        if keep:
+            raise _Injected("mallopt")
+        real(keep)
+    return glibc
+
+
+@pytest.mark.parametrize("where", ["_patch_megatron", "_glibc_keeps_freed_memory"])
+def test_enable_failing_halfway_leaves_nothing_behind(where, monkeypatch):
+    """enable() raising at its last steps used to leave the RNG log filter installed."""
+    before = _shim_state()
+    if where == "_patch_megatron":
+        monkeypatch.setattr(cpu_platform, where, lambda: (_ for _ in ()).throw(_Injected(where)))
+    else:
+        monkeypatch.setattr(cpu_platform, where, _fail_glibc_keep(cpu_platform._glibc_keeps_freed_memory))
+    try:
+        with pytest.raises(_Injected):
+            cpu_platform.enable(force=True)
+        assert _shim_state() == before
+    finally:
+        cpu_platform.disable()
+
+
+@pytest.mark.parametrize("where", ["_patch_training", "mode"])
+def test_enable_training_failing_halfway_leaves_nothing_behind(where, monkeypatch):
+    """enable_training() raising after its enable() used to leave the shim on."""
+    before = _shim_state()
+    if where == "mode":
+        monkeypatch.setattr(cpu_platform._CudaLiteralsOnCpu, "__enter__",
+                            lambda self: (_ for _ in ()).throw(_Injected(where)))
+    else:
+        monkeypatch.setattr(cpu_platform, where, lambda: (_ for _ in ()).throw(_Injected(where)))
+    try:
+        with pytest.raises(_Injected):
+            cpu_platform.enable_training(force=True)
+        assert _shim_state() == before
+    finally:
+        cpu_platform.disable()
