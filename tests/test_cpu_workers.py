@@ -378,3 +378,29 @@ def test_interpreter_exit_while_a_worker_is_in_a_gemm():
     import sys
     proc = subprocess.run([sys.executable, "-c", _EXIT_IN_A_GEMM], capture_output=True, text=True, timeout=120)
     assert "terminate called" not in proc.stderr and proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_a_worker_that_cannot_start_ends_the_growing_not_the_call(monkeypatch):
+    """Fault injection: threading.Thread.start fails ("can't start new thread") when the pool
+    grows. The call used to raise it (the pool was rebuilt from scratch for every larger size);
+    now it runs on the workers there are, and the workers' one-thread setting does not leak."""
+    cpu_workers.run(range(4), lambda _: None, 2)
+    size = cpu_workers._pool.size
+    threads = torch.get_num_threads()
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "gmm-plugin-cpu":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    seen = []
+    cpu_workers.run(range(40), seen.append, size + 2)
+    assert sorted(seen) == list(range(40)) and cpu_workers._pool.size == size
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    other = []
+    t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert other == [threads]

@@ -118,22 +118,27 @@ class _Workers:
         return len(self._jobs)
 
     def grow(self, n: int) -> None:
-        """At least n workers (the caller holds busy): more threads, never a second pool."""
-        if n <= self.size:
-            return
+        """At least n workers where threads can be started (the caller holds busy): more threads,
+        never a second pool. A thread that cannot start ends the growing, not the call."""
         ready: queue.SimpleQueue = queue.SimpleQueue()
         caller_threads = torch.get_num_threads()
-        new = [queue.SimpleQueue() for _ in range(n - self.size)]
-        for q in new:
-            t = threading.Thread(target=self._loop, args=(q, ready), daemon=True, name="gmm-plugin-cpu")
-            t.start()
-            self._jobs.append(q)
-            self._threads.append(t)
-        for _ in new:
-            ready.get()
-        # torch.set_num_threads also records a process-wide default that new threads pick up:
-        # the workers' 1 must not leak, so put the caller's value back.
-        torch.set_num_threads(caller_threads)
+        started = 0
+        try:
+            while self.size < n:
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                t = threading.Thread(target=self._loop, args=(q, ready), daemon=True, name="gmm-plugin-cpu")
+                t.start()
+                self._jobs.append(q)
+                self._threads.append(t)
+                started += 1
+        except RuntimeError:  # "can't start new thread": run with the workers there are
+            pass
+        finally:
+            for _ in range(started):
+                ready.get()
+            # torch.set_num_threads also records a process-wide default that new threads pick
+            # up: the workers' 1 must not leak, so put the caller's value back.
+            torch.set_num_threads(caller_threads)
 
     @staticmethod
     def _loop(jobs: queue.SimpleQueue, ready: queue.SimpleQueue) -> None:
@@ -256,7 +261,11 @@ def run(pieces, do, workers: int) -> None:
         return
     try:
         pool.grow(workers)
-        pool.run(_Call(pieces, do, torch.is_inference_mode_enabled()), workers)
+        if pool.size < 2:  # no threads could be started
+            for piece in pieces:
+                do(piece)
+            return
+        pool.run(_Call(pieces, do, torch.is_inference_mode_enabled()), min(workers, pool.size))
     finally:
         pool.busy.release()
 
