@@ -46,7 +46,9 @@ class _Call:
 
     def __init__(self, pieces, do, inference: bool):
         self.pieces, self.do, self.inference = pieces, do, inference
-        self.cond = threading.Condition(threading.Lock())
+        # An RLock: were a second interrupt to land while the waiting caller takes it back, the
+        # caller's release fails loudly instead of releasing a worker's hold.
+        self.cond = threading.Condition(threading.RLock())
         self.next = 0        # the next piece to hand out
         self.running = 0     # workers inside work()
         self.stopped = False
@@ -96,8 +98,8 @@ class _Call:
         while True:
             try:
                 with self.cond:
-                    if error is not None and not self.stopped:
-                        self.errors.append(error)
+                    if error is not None and not self.stopped and self.next < len(self.pieces):
+                        self.errors.append(error)  # pieces are left undone: the caller must know
                     self.stopped = True
                     while self.running:
                         self.cond.wait()
