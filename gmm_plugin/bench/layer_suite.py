@@ -13,14 +13,13 @@ dtype changes the GEMM (bf16 under DDP), with fused_wgrad_dtype fp32 and input s
 from __future__ import annotations
 
 import contextlib
-import gc
 import warnings
 
 import torch
 
 from .. import settings
 from .cases import DTYPES, wgrad_dtype_matters
-from .measure import Row, measure, rows_from
+from .measure import Row, measure, release_freed_memory, rows_from
 
 DENSE = "expert GEMMs as dense torch.mm"
 SEQUENTIAL = "SequentialMLP"
@@ -81,7 +80,7 @@ def _rows(args, cfg, ml) -> list[Row]:
                 for model in models:  # or each DDP block's layers stay alive to the end of the run
                     ml.release(model)
                 del cases, models
-                gc.collect()
+                release_freed_memory()  # the next block starts from what is alive
                 meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",
                             dtype=dname, experts=E)
                 rows += rows_from(samples, flops, DENSE, meta, peaks, notes=notes, extra=extra)
