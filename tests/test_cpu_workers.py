@@ -298,6 +298,8 @@ def test_interrupted_call_leaves_no_late_writes_and_the_next_calls_are_right(int
     counts = [512] * 8
     ref = gmm_reference(x, w, counts)
     next_call_started = threading.Event()
+    once = threading.Lock()  # one signal, whichever worker comes first
+    sent = threading.Event()
     state = {"calls": 0, "signalled": False, "raised": False, "late_writes": 0}
     real = cpu_workers.run
 
@@ -308,9 +310,10 @@ def test_interrupted_call_leaves_no_late_writes_and_the_next_calls_are_right(int
             return real(pieces, do, n)
 
         def first_do(piece):
-            if threading.current_thread().name == "gmm-plugin-cpu" and not state["signalled"]:
+            if threading.current_thread().name == "gmm-plugin-cpu" and once.acquire(blocking=False):
                 state["signalled"] = True
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+                sent.set()
                 next_call_started.wait(1.5)
             do(piece)
             if state["raised"]:
@@ -330,7 +333,9 @@ def test_interrupted_call_leaves_no_late_writes_and_the_next_calls_are_right(int
             state["raised"] = True
             errors = [(gmm_plugin.npu_gmm_v2(x, w, group_list=counts).double() - ref).abs().max().item()
                       for _ in range(10)]
-    finally:
+    finally:  # (the old code could take the signal after the test: never under SIGALRM's default)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        sent.wait(10)
         signal.signal(signal.SIGALRM, previous)
     assert state["signalled"] and state["calls"] == 11, "the calls no longer reach the worker pool"
     # fp32 sums of 1024 products of N(0,1) values: |y| ~ 32, rounding ~ 1e-5 of it
