@@ -25,8 +25,10 @@ to the kernel on free, so each training step page-faults its large buffers in ag
 0.1-0.2 ms per MB on this project's machine, 5-10 % of a bf16 MoE layer step, most for grouped
 experts, whose buffers are stacked). While the shim is on, glibc keeps freed memory for reuse
 (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD 2 GiB), as GPU caching allocators do; disable() puts
-glibc's default values back and returns what it kept (malloc_trim; glibc's dynamic threshold
-then stays off). Other C libraries: untouched.
+back the values the process started with (its start-up GLIBC_TUNABLES / MALLOC_*_ variables, else
+glibc's defaults: glibc has no getter, and values set by other code's mallopt calls are not known)
+and returns what it kept (malloc_trim; glibc's dynamic threshold then stays off). Other C
+libraries: untouched.
 
 enable_training() adds what Megatron-LM's training loop (`megatron.training`: initialize_megatron,
 pretrain, its checkpointing) needs on top (reference/megatron-lm-cpu.md rows 1-3, 8, 10):
@@ -56,6 +58,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import sys
 import typing
 
@@ -242,22 +245,60 @@ def enable(force: bool = False) -> bool:
         _patch_megatron()
         logging.getLogger(_RNG_LOGGER).addFilter(_RNG_FILTER)
         _glibc_keeps_freed_memory(True)
-    except BaseException:
+    except BaseException:  # nothing half-installed stays behind
         _glibc_keeps_freed_memory(False)
+        logging.getLogger(_RNG_LOGGER).removeFilter(_RNG_FILTER)
         _patches.restore()
         raise
     _enabled = True
     return True
 
 
-# glibc's mallopt parameters (malloc.h) and their default values.
+# glibc's mallopt parameters (malloc.h), what the shim sets, glibc's compiled-in defaults
+# (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD) and the start-up variables that override
+# them: the tunable and its older alias.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_MALLOPT = {True: {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}, False: {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}}
+_KEEP = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+_STARTUP_VARS = {_M_MMAP_MAX: ("glibc.malloc.mmap_max", "MALLOC_MMAP_MAX_"),
+                 _M_TRIM_THRESHOLD: ("glibc.malloc.trim_threshold", "MALLOC_TRIM_THRESHOLD_")}
 _kept_memory = False
 
 
+def _startup_environ() -> dict:
+    """The environment the process started with, which is what glibc read its malloc settings
+    from (once, at start-up; later changes of os.environ do not reach it)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:  # no /proc: the current environment is the best guess
+        return dict(os.environ)
+    env = {}
+    for item in items:
+        name, sep, value = item.partition(b"=")
+        if sep:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
+def _startup_malloc_values(env: dict | None = None) -> dict:
+    """{mallopt parameter: the value the process started with}: GLIBC_TUNABLES' entry (the last
+    one, as glibc parses it) over the older MALLOC_*_ alias, over glibc's compiled-in default.
+    glibc has no getter for these, so this is the only way back to what the process had."""
+    env = _startup_environ() if env is None else env
+    tunables = dict(item.partition("=")[::2] for item in env.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    values = {}
+    for param, (tunable, alias) in _STARTUP_VARS.items():
+        text = tunables.get(tunable, env.get(alias))
+        try:
+            values[param] = int(text, 0) if text is not None else _GLIBC_DEFAULTS[param]
+        except ValueError:  # glibc ignores what it cannot parse
+            values[param] = _GLIBC_DEFAULTS[param]
+    return values
+
+
 def _glibc_keeps_freed_memory(keep: bool) -> None:
-    """glibc keeps freed memory (keep) or goes back to its defaults; once each way."""
+    """glibc keeps freed memory (keep) or goes back to what the process started with; once each way."""
     global _kept_memory
     if keep == _kept_memory:
         return
@@ -267,7 +308,7 @@ def _glibc_keeps_freed_memory(keep: bool) -> None:
     except (OSError, AttributeError):  # not glibc
         return
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    for param, value in _MALLOPT[keep].items():
+    for param, value in (_KEEP if keep else _startup_malloc_values()).items():
         mallopt(param, value)
     if not keep:
         malloc_trim(0)  # what it kept goes back to the kernel now
@@ -309,6 +350,11 @@ class _CudaLiteralsOnCpu(torch.overrides.TorchFunctionMode):
     clip_grads, loss logging, JIT warm-up), calls .cuda() / .to('cuda') and asserts
     grad.type() == 'torch.cuda.FloatTensor'; on a CPU run those mean the CPU. A torch function
     mode: active inside its `with`, or for a whole run through enable_training()."""
+
+    # The CPU GEMM workers run a grouped product's pieces on threads where this mode is not
+    # pushed: allowed, since none of their calls has a CUDA device, .cuda() or .type() (with the
+    # mode pushed for a whole run, the pool was otherwise off for every forward GEMM).
+    gmm_plugin_workers_may_skip = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -457,6 +503,7 @@ def enable_training(force: bool = False) -> bool:
     global _literals_mode
     if _literals_mode is not None:
         return True
+    shim_was_on = _enabled
     if not enable(force=force):
         return False
     try:
@@ -465,8 +512,10 @@ def enable_training(force: bool = False) -> bool:
         mode = _CudaLiteralsOnCpu()
         mode.__enter__()
         _literals_mode = mode
-    except BaseException:
+    except BaseException:  # back to where the call started, the shim included
         _training.restore()
+        if not shim_was_on:
+            disable()
         raise
     return True
 

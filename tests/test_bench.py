@@ -4,6 +4,7 @@ patches and the CPU shim as it found them. No timing is asserted (tiny figures m
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -183,15 +184,26 @@ def test_layer_builders_give_sequential_and_plugin_the_same_layer_under_ddp():
             cpu_platform.disable()
 
 
+def _alive(*names):
+    import gc
+    gc.collect()
+    return sum(type(o).__name__ in names for o in gc.get_objects())
+
+
 @megatron
-def test_layer_suite_in_process_restores_everything(tmp_path, fp32_process_settings):
+def test_layer_suite_in_process_restores_everything(tmp_path, capsys, fp32_process_settings):
     pytest.importorskip("megatron.core")
     import patches
     from patches import cpu_platform
     shim_before = cpu_platform.is_enabled()
     out = tmp_path / "l.json"
+    layers_before = _alive("MoELayer", "DistributedDataParallel")
     assert bench.main(["--tiny", "--suite", "layer", "--dtypes", "bf16", "--experts", "2", "--no-memory",
                        "--json", str(out)]) == 0
+    # Issue 21 item 10: each DDP block's layers (and grad buffers) stayed alive to the end of the
+    # run, held by a cycle through C++ autograd nodes (megatron_layer.release).
+    assert _alive("MoELayer", "DistributedDataParallel") == layers_before
+    assert re.search(r"^# peak RSS: \d+ MB \(this process, ru_maxrss\)", capsys.readouterr().out, re.M)
     assert settings.current() == fp32_process_settings
     assert not patches.is_applied() and cpu_platform.is_enabled() == shim_before
     data = json.loads(out.read_text())
@@ -202,6 +214,7 @@ def test_layer_suite_in_process_restores_everything(tmp_path, fp32_process_setti
     core = {layer_suite.DENSE, layer_suite.SEQUENTIAL, layer_suite.PLUGIN}
     assert core <= by_grads[".grad"] and not set(layer_suite.PLUGIN_AS.values()) & by_grads[".grad"]
     assert core | set(layer_suite.PLUGIN_AS.values()) <= by_grads["DDP fp32 main_grad"]
+    assert data["peak_rss_mb"]["process"] > 0
     names = [t["name"] for t in data["targets"]]
     for grads in by_grads:
         assert f"MoE layer bf16 E=2 {grads}: default >= SequentialMLP" in names

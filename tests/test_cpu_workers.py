@@ -277,3 +277,135 @@ def test_inference_mode_with_the_worker_pool():
     assert y.is_inference() and torch.equal(y, same)
     ref = gmm_reference(x, w, counts)
     assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_kill"), reason="needs POSIX signals")
+@pytest.mark.parametrize("interrupt", [_Interrupted, KeyboardInterrupt])
+def test_interrupted_call_leaves_no_late_writes_and_the_next_calls_are_right(interrupt, monkeypatch):
+    """Issue 21 item 1: an 8 x 512-row, K = N = 1024 fp32 npu_gmm_v2 on the pool, interrupted by
+    an exception from a SIGALRM handler while it waits, then 10 more calls: they used to return
+    before their own pieces were written (the interrupted call's late completions were taken for
+    theirs). The signal comes from a worker inside a piece, which then holds that piece until
+    the next call has started (bounded: 1.5 s), so the old race happens on every run; fixed, the
+    next call cannot start before the interrupted one's workers are out, and the piece goes on
+    after the wait."""
+    import signal
+    x, w = torch.randn(8 * 512, 1024), torch.randn(8, 1024, 1024)
+    counts = [512] * 8
+    ref = gmm_reference(x, w, counts)
+    next_call_started = threading.Event()
+    once = threading.Lock()  # one signal, whichever worker comes first
+    sent = threading.Event()
+    state = {"calls": 0, "signalled": False, "raised": False, "late_writes": 0}
+    real = cpu_workers.run
+
+    def run(pieces, do, n):
+        state["calls"] += 1
+        if state["calls"] > 1:
+            next_call_started.set()
+            return real(pieces, do, n)
+
+        def first_do(piece):
+            if threading.current_thread().name == "gmm-plugin-cpu" and once.acquire(blocking=False):
+                state["signalled"] = True
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+                sent.set()
+                next_call_started.wait(1.5)
+            do(piece)
+            if state["raised"]:
+                state["late_writes"] += 1
+        return real(pieces, first_do, n)
+
+    def handler(signum, frame):
+        raise interrupt("interrupted")
+
+    monkeypatch.setattr(cpu_workers, "run", run)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the pool runs whatever the host
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with gmm_plugin.settings(backend="torch"), torch.no_grad():
+            with pytest.raises(interrupt):
+                gmm_plugin.npu_gmm_v2(x, w, group_list=counts)
+            state["raised"] = True
+            errors = [(gmm_plugin.npu_gmm_v2(x, w, group_list=counts).double() - ref).abs().max().item()
+                      for _ in range(10)]
+    finally:  # (the old code could take the signal after the test: never under SIGALRM's default)
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        sent.wait(10)
+        signal.signal(signal.SIGALRM, previous)
+    assert state["signalled"] and state["calls"] == 11, "the calls no longer reach the worker pool"
+    # fp32 sums of 1024 products of N(0,1) values: |y| ~ 32, rounding ~ 1e-5 of it
+    assert max(errors) <= 1e-4 * ref.abs().max().item(), errors
+    assert state["late_writes"] == 0, "a piece of the interrupted call ran after run() had raised"
+
+
+def _pool_threads():
+    return [t for t in threading.enumerate() if t.name == "gmm-plugin-cpu" and t.is_alive()]
+
+
+def test_more_workers_grow_the_pool_instead_of_leaving_one_behind():
+    """Issue 21 item 6 (pool part): asking for more workers built a second pool and left the
+    first one's threads blocked for the rest of the process."""
+    cpu_workers.run(range(8), lambda _: None, 2)
+    before = cpu_workers._pool.size
+    for n in (3, 2, 4):
+        seen = []
+        cpu_workers.run(range(40), seen.append, n)
+        assert sorted(seen) == list(range(40))
+    assert cpu_workers._pool.size == max(before, 4)
+    assert len(_pool_threads()) == cpu_workers._pool.size
+
+
+_EXIT_IN_A_GEMM = """
+import threading, torch
+from gmm_plugin.backends import cpu_workers
+a = torch.randn(2048, 2048)
+inside = threading.Event()
+def do(piece):
+    inside.set()
+    for _ in range(4):  # a few seconds of one-thread GEMMs: the interpreter exits meanwhile
+        torch.mm(a, a)
+threading.Thread(target=cpu_workers.run, args=(range(4), do, 2), daemon=True).start()
+assert inside.wait(60)
+"""
+
+
+def test_interpreter_exit_while_a_worker_is_in_a_gemm():
+    """Exit while a worker thread is inside a GEMM: the thread came back from C++ for the GIL
+    after finalization had begun, and CPython ended it inside a noexcept frame: `terminate called
+    without an active exception`, SIGABRT. Now an atexit hook stops the call and lets the pieces
+    in flight finish before the threads end."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _EXIT_IN_A_GEMM], capture_output=True, text=True, timeout=120)
+    assert "terminate called" not in proc.stderr and proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_a_worker_that_cannot_start_ends_the_growing_not_the_call(monkeypatch):
+    """Fault injection: threading.Thread.start fails ("can't start new thread") when the pool
+    grows. The call used to raise it (the pool was rebuilt from scratch for every larger size);
+    now it runs on the workers there are, and the workers' one-thread setting does not leak."""
+    cpu_workers.run(range(4), lambda _: None, 2)
+    size = cpu_workers._pool.size
+    threads = torch.get_num_threads()
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "gmm-plugin-cpu":
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    seen = []
+    cpu_workers.run(range(40), seen.append, size + 2)
+    assert sorted(seen) == list(range(40)) and cpu_workers._pool.size == size
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    other = []
+    t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert other == [threads]

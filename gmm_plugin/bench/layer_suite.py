@@ -13,14 +13,13 @@ dtype changes the GEMM (bf16 under DDP), with fused_wgrad_dtype fp32 and input s
 from __future__ import annotations
 
 import contextlib
-import gc
 import warnings
 
 import torch
 
 from .. import settings
 from .cases import DTYPES, wgrad_dtype_matters
-from .measure import Row, measure, rows_from
+from .measure import Row, measure, release_freed_memory, rows_from
 
 DENSE = "expert GEMMs as dense torch.mm"
 SEQUENTIAL = "SequentialMLP"
@@ -75,11 +74,13 @@ def _rows(args, cfg, ml) -> list[Row]:
         dy = (torch.randn(T, 1, H, generator=g) * 1e-2).to(dtype)
         for E in args.experts:
             for grads in args.layer_grads:
-                cases, notes, extra = _cases(args, cfg, ml, E, dtype, grads, x, dy)
+                cases, models, notes, extra = _cases(args, cfg, ml, E, dtype, grads, x, dy)
                 cases = {DENSE: _dense_gemms(routed, H, F, dtype), **cases}
                 samples, peaks = measure(cases, args, CPU, min_warmup=LAYER_WARMUP)
-                del cases
-                gc.collect()
+                for model in models:  # or each DDP block's layers stay alive to the end of the run
+                    ml.release(model)
+                del cases, models
+                release_freed_memory()  # the next block starts from what is alive
                 meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",
                             dtype=dname, experts=E)
                 rows += rows_from(samples, flops, DENSE, meta, peaks, notes=notes, extra=extra)
@@ -87,7 +88,8 @@ def _rows(args, cfg, ml) -> list[Row]:
 
 
 def _cases(args, cfg, ml, E, dtype, grads, x, dy):
-    """{name: step}, notes and extra figures for one block: the layers are built here, fresh."""
+    """{name: step}, the models, notes and extra figures for one block: the layers are built
+    here, fresh."""
     torch.manual_seed(args.seed)
     seq = ml.moe_layer(args, E, dtype, grouped=False)
     plug = ml.moe_layer(args, E, dtype, grouped=True)
@@ -107,7 +109,8 @@ def _cases(args, cfg, ml, E, dtype, grads, x, dy):
     fused = ddp and cfg.gemm_fusion
     wmb = ml.expert_weight_mb(plug)
     note = f"experts: {type(plug.experts).__name__}" + (", gemm_fusion into main_grad" if fused else "")
-    return cases, {PLUGIN: note}, {"expert_weights_mb": round(wmb, 2), "grads": GRADS[grads]}
+    return cases, [model for model, _ in models.values()], {PLUGIN: note}, \
+        {"expert_weights_mb": round(wmb, 2), "grads": GRADS[grads]}
 
 
 def _step(model, x, dy, enter):

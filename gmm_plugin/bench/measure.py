@@ -120,11 +120,21 @@ def _status_kb(key: str) -> int:
     raise ValueError(key)
 
 
-def _rss_peak(fn) -> int:
+def release_freed_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the kernel (malloc_trim; nothing
+    elsewhere). Under the CPU shim glibc keeps freed memory for reuse and trims only the top of
+    its heap, so without this the heap a case grew stays resident for every case after it."""
     import ctypes
     import gc
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_peak(fn) -> int:
+    release_freed_memory()
     start = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS

@@ -78,6 +78,23 @@ def with_ddp(layer):
     return DistributedDataParallel(layer.config, ddp_config, layer)
 
 
+def release(model) -> None:
+    """Let a layer (or DDP around it) that the caller is done with be freed.
+
+    Megatron's token dispatcher keeps the last forward's routing probs; their autograd graph
+    reaches the router weight's gradient accumulator, which holds DDP's backward hook, which
+    holds DDP and the layer. That cycle runs through C++ autograd nodes, which Python's gc cannot
+    traverse, so without this every DDP block's layers, grad buffers included, stayed alive to the
+    end of the run (docs/benchmarks.md, peak memory). Dropping every tensor that a module (or an
+    object it holds, like the dispatcher) keeps with an autograd graph breaks it."""
+    for module in model.modules():
+        held = [v for v in vars(module).values() if hasattr(v, "__dict__") and not isinstance(v, torch.nn.Module)]
+        for obj in (module, *held):
+            for name, value in list(vars(obj).items()):
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    setattr(obj, name, None)
+
+
 def has_legacy_grouped_mlp() -> bool:
     import patches
     return patches.version_rules().legacy_grouped_mlp

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 from dataclasses import asdict
 
 import torch
@@ -76,8 +77,21 @@ def format_targets(targets: list[Target]) -> str:
     return "\n".join(f"{t.name.ljust(w)}  {t.measured:<34} {word[t.met]}" for t in targets)
 
 
+def peak_rss_mb() -> dict:
+    """Peak resident memory (getrusage ru_maxrss, KiB on Linux) of this process and of the
+    largest child it waited for (the example suite's runs), in MB; 0 where there was none."""
+    return {who: round(resource.getrusage(flag).ru_maxrss / 1024, 1)
+            for who, flag in (("process", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
+
+
+def format_peak_rss(peak: dict) -> str:
+    line = f"# peak RSS: {peak['process']:.0f} MB (this process, ru_maxrss)"
+    return line + (f", {peak['children']:.0f} MB (largest child)" if peak["children"] else "")
+
+
 def write_json(path: str, info: dict, args, rows: list[Row], targets: list[Target], skipped: list[str]) -> None:
     data = {"machine": info, "options": vars(args), "gmm_settings": asdict(settings.current()),
-            "rows": [asdict(r) for r in rows], "targets": [asdict(t) for t in targets], "skipped": skipped}
+            "rows": [asdict(r) for r in rows], "targets": [asdict(t) for t in targets], "skipped": skipped,
+            "peak_rss_mb": peak_rss_mb()}
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

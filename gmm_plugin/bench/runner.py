@@ -10,7 +10,7 @@ from .layer_suite import layer_suite
 from .measure import Row
 from .ops_suite import gmm_suite
 from .options import parse_args
-from .report import format_table, format_targets, header, machine_info, write_json
+from .report import format_peak_rss, format_table, format_targets, header, machine_info, peak_rss_mb, write_json
 from .targets import evaluate_targets
 
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n# targets\n" + format_targets(targets))
     for line in skipped:
         print(f"# {line}")
+    print(format_peak_rss(peak_rss_mb()))
     if args.json:
         write_json(args.json, info, args, rows, targets, skipped)
     if args.png:

@@ -264,3 +264,150 @@ def test_glibc_keeps_freed_memory_while_on(shim):
     assert _mmapped_bytes_while_holding(nbytes) == 0
     shim.disable()
     assert _mmapped_bytes_while_holding(nbytes) >= nbytes
+
+
+_MMAP_AFTER_ENABLE_DISABLE = """
+import ctypes, os, sys, torch
+sys.path.insert(0, os.getcwd())
+from patches import cpu_platform
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+def mmapped_chunks():  # mmapped chunks while one 64 MiB block is alive
+    before = mallinfo2().hblks
+    block = torch.empty(64 << 20, dtype=torch.uint8)
+    return mallinfo2().hblks - before
+os.environ.update(LATE)  # set after start-up: glibc never reads it
+print(mmapped_chunks(), end=" ")
+cpu_platform.enable(force=True)
+cpu_platform.disable()
+print(mmapped_chunks())
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc >= 2.33")
+@pytest.mark.parametrize("startup, late, expected", [
+    ({"MALLOC_MMAP_MAX_": "0"}, {}, "0 0"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}, {}, "0 0"),
+    ({}, {"MALLOC_MMAP_MAX_": "0"}, "1 1"),  # only the start-up environment counts
+])
+def test_disable_restores_the_malloc_settings_the_process_started_with(startup, late, expected):
+    """Issue 21 item 3: disable() wrote glibc's compiled-in defaults, so a process started with
+    MALLOC_MMAP_MAX_=0 (or the tunable) got mmapped chunks again after enable/disable."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")}
+    env.update(startup)
+    script = f"LATE = {late!r}\n" + _MMAP_AFTER_ENABLE_DISABLE
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == expected, out.stdout
+
+
+def test_startup_malloc_values_follow_glibc_precedence():
+    M, T = cpu_platform._M_MMAP_MAX, cpu_platform._M_TRIM_THRESHOLD
+    values = cpu_platform._startup_malloc_values
+    assert values({}) == {M: 65536, T: 128 * 1024}
+    assert values({"MALLOC_MMAP_MAX_": "7", "MALLOC_TRIM_THRESHOLD_": "0x1000"}) == {M: 7, T: 4096}
+    # GLIBC_TUNABLES over the alias, its last entry for a name, garbage ignored
+    env = {"MALLOC_MMAP_MAX_": "7", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=1:glibc.malloc.mmap_max=2:x"}
+    assert values(env)[M] == 2
+    assert values({"MALLOC_MMAP_MAX_": "lots"})[M] == 65536
+
+
+def _pool_runs_per_step(monkeypatch):
+    """Pool runs of one forward+backward of a grouped product the CPU workers take (the shapes of
+    tests/test_cpu_workers.py's inference test: natural thresholds, two threads)."""
+    import gmm_plugin
+    from gmm_plugin.backends import cpu_workers
+    calls = []
+    real = cpu_workers.run
+    monkeypatch.setattr(cpu_workers, "run", lambda pieces, do, n: calls.append(n) or real(pieces, do, n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 1024, generator=g).requires_grad_(True)
+    w = torch.randn(8, 1024, 1024, generator=g).requires_grad_(True)
+    with gmm_plugin.settings(backend="torch"):
+        y = gmm_plugin.npu_gmm_v2(x, w, group_list=[256] * 8)
+        y.backward(torch.ones_like(y))
+    return len(calls), y.detach(), x.grad, w.grad
+
+
+def test_enable_training_keeps_the_cpu_pool_for_forward_gemms(monkeypatch):
+    """Issue 21 item 7: enable_training() leaves its literal-CUDA torch function mode pushed, and
+    the pool refused every function mode: the forward GEMM (3 pool runs per step: forward, dx, dW)
+    ran without the workers. The same step with the mode pushed uses the pool as often and gives
+    the same numbers."""
+    plain = _pool_runs_per_step(monkeypatch)
+    assert plain[0] == 3, "the shapes no longer reach the worker pool"
+    assert cpu_platform.enable_training(force=True)
+    try:
+        training = _pool_runs_per_step(monkeypatch)
+    finally:
+        cpu_platform.disable()
+    assert training[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(training[1:], plain[1:]))
+
+    class Other(torch.overrides.TorchFunctionMode):  # any other mode still keeps the workers off
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Other():  # (the backward's GEMMs run outside function modes: autograd does not carry them)
+        assert _pool_runs_per_step(monkeypatch)[0] == plain[0] - 1
+
+
+# ---------------------------------------------------------------- faults halfway (docs/robustness.md)
+
+class _Injected(Exception):
+    pass
+
+
+def _shim_state():
+    import logging
+    return (_snapshot(), list(logging.getLogger(cpu_platform._RNG_LOGGER).filters), cpu_platform.is_enabled(),
+            cpu_platform.training_enabled(), cpu_platform._kept_memory, torch._C._len_torch_function_stack())
+
+
+def _fail_glibc_keep(real):
+    def glibc(keep):
+        if keep:
+            raise _Injected("mallopt")
+        real(keep)
+    return glibc
+
+
+@pytest.mark.parametrize("where", ["_patch_megatron", "_glibc_keeps_freed_memory"])
+def test_enable_failing_halfway_leaves_nothing_behind(where, monkeypatch):
+    """enable() raising at its last steps used to leave the RNG log filter installed."""
+    before = _shim_state()
+    if where == "_patch_megatron":
+        monkeypatch.setattr(cpu_platform, where, lambda: (_ for _ in ()).throw(_Injected(where)))
+    else:
+        monkeypatch.setattr(cpu_platform, where, _fail_glibc_keep(cpu_platform._glibc_keeps_freed_memory))
+    try:
+        with pytest.raises(_Injected):
+            cpu_platform.enable(force=True)
+        assert _shim_state() == before
+    finally:
+        cpu_platform.disable()
+
+
+@pytest.mark.parametrize("where", ["_patch_training", "mode"])
+def test_enable_training_failing_halfway_leaves_nothing_behind(where, monkeypatch):
+    """enable_training() raising after its enable() used to leave the shim on."""
+    before = _shim_state()
+    if where == "mode":
+        monkeypatch.setattr(cpu_platform._CudaLiteralsOnCpu, "__enter__",
+                            lambda self: (_ for _ in ()).throw(_Injected(where)))
+    else:
+        monkeypatch.setattr(cpu_platform, where, lambda: (_ for _ in ()).throw(_Injected(where)))
+    try:
+        with pytest.raises(_Injected):
+            cpu_platform.enable_training(force=True)
+        assert _shim_state() == before
+    finally:
+        cpu_platform.disable()
