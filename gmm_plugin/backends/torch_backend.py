@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..group_list import Groups
+from .. import torch_caps
 from . import cpu_workers
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,7 +45,8 @@ def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
             return False
         if any((s * size) % _ALIGN for d, s in enumerate(t.stride()) if d != unit):
             return False
-    return True
+    # The op can exist with no CPU kernel (torch 2.8), or without one for a dtype: ask it.
+    return device.type != "cpu" or all(torch_caps.cpu_grouped_mm(t.dtype) for t in tensors)
 
 
 def _accumulate(out, a, b, s, t, wgrad_dtype):
