@@ -64,6 +64,8 @@ import typing
 
 import torch
 
+from gmm_plugin import torch_caps
+
 from ._patching import PatchSet, define_missing_te_general_gemm
 
 __all__ = ["enable", "disable", "is_enabled", "accelerator_present", "cuda_literals_on_cpu",
@@ -242,6 +244,7 @@ def enable(force: bool = False) -> bool:
                             ("stream", _stream), ("synchronize", _synchronize),
                             ("get_device_capability", _get_device_capability)):
             _patches.set(cuda, name, value)
+        _no_jit_where_unscriptable()  # first: _patch_megatron imports Megatron modules
         _patch_megatron()
         logging.getLogger(_RNG_LOGGER).addFilter(_RNG_FILTER)
         _glibc_keeps_freed_memory(True)
@@ -313,6 +316,26 @@ def _glibc_keeps_freed_memory(keep: bool) -> None:
     if not keep:
         malloc_trim(0)  # what it kept goes back to the kernel now
     _kept_memory = keep
+
+
+def _no_jit(fn):
+    return fn
+
+
+def _no_jit_where_unscriptable() -> None:
+    """megatron-core 0.12 sets `jit_fuser = torch.jit.script` on torch < 2.2, which cannot script
+    what Megatron decorates with it (methods reading self, closures over objects): importing
+    megatron.core.models.gpt (L2Norm) or building a GroupedMLP raises. Where the installed JIT
+    cannot, megatron.core.jit's jit_fuser and its `from megatron.core.jit import jit_fuser`
+    copies become a no-op, as MindSpeed does; modules imported from now on bind the no-op.
+    disable() puts the original back (what was decorated meanwhile stays plain Python)."""
+    try:
+        from megatron.core import jit
+    except ImportError:
+        return
+    fuser = getattr(jit, "jit_fuser", None)
+    if fuser is not None and fuser is not _no_jit and not torch_caps.jit_decorates_methods(fuser):
+        _patches.replace_everywhere(fuser, _no_jit, ("megatron",))
 
 
 def _patch_megatron() -> None:

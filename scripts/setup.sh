@@ -30,4 +30,13 @@ for v in $MCORE_MATRIX; do
     if needs_triton "$v"; then $PIP install --no-deps --target "$dir" triton==3.9.0; fi
     touch "$dir/.complete"
 done
+# An older torch for tools/run_tests.py's torch leg: PyPI's torch 2.7.1 (the one build every
+# torch_npu release from 7.2.0 to 26.1.0 pairs with; a CUDA build, ~3 GB of downloads with its
+# nvidia-* libraries) and megatron-core 0.12.1 in .venv-torch2.7.1 (scripts/torch_venv.sh).
+# OLD_TORCH="" skips it; OLD_TORCH="2.1.2 2.7.1" makes more.
+for v in ${OLD_TORCH-2.7.1}; do
+    start=$SECONDS
+    bash scripts/torch_venv.sh "$v"
+    echo "setup.sh: .venv-torch$v ready ($((SECONDS - start)) s)"
+done
 echo "setup.sh: .venv ready (megatron-core ${main_mcore:-none}; matrix: $(ls .mcore 2>/dev/null | tr '\n' ' '))"

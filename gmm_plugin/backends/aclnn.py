@@ -131,6 +131,16 @@ def _put_pip_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, os.environ.get("PATH")) if p)
 
 
+def _loaded_library(before: set, directory: str) -> str:
+    """The file cpp_extension.load just loaded, where it returns None (torch < 2.6): it loads it
+    with torch.ops.load_library, under a name with a _v<N> suffix after an earlier build in this
+    process (another build directory or source), so the file name cannot be guessed."""
+    ours = [p for p in torch.ops.loaded_libraries
+            if os.path.dirname(os.path.abspath(p)) == os.path.abspath(directory)]
+    new = [p for p in ours if p not in before]
+    return max(new or ours, key=os.path.getmtime, default=os.path.join(directory, "gmm_plugin_aclnn.so"))
+
+
 @functools.cache
 def _compiled() -> ctypes.CDLL:
     """The binding's shared library, built once per source version into the build dir."""
@@ -148,12 +158,13 @@ def _compiled() -> ctypes.CDLL:
     built = glob.glob(os.path.join(directory, "gmm_plugin_aclnn*.so"))
     if not built or max(map(os.path.getmtime, built)) < os.path.getmtime(SOURCE):
         print(f"gmm-plugin: building the aclnn binding in {directory}", file=sys.stderr, flush=True)
+    loaded = set(torch.ops.loaded_libraries)
     try:
         path = cpp_extension.load("gmm_plugin_aclnn", [SOURCE], build_directory=directory, is_python_module=False,
                                   extra_cflags=["-O2"], extra_ldflags=["-ldl"])
     except Exception as e:  # a compiler error: its output is in the message
         raise ImportError(f"building the aclnn binding ({SOURCE}) failed: {e}") from e
-    lib = ctypes.CDLL(path or os.path.join(directory, "gmm_plugin_aclnn.so"))
+    lib = ctypes.CDLL(path or _loaded_library(loaded, directory))
     desc, ptr, i64, buf, size = ctypes.POINTER(_Desc), ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t
     lib.gmm_aclnn_open.restype = ptr
     lib.gmm_aclnn_open.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, buf, size]

@@ -23,6 +23,8 @@ import threading
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .. import torch_caps
+
 # When the workers pay off (measured on the 2-core reference machine, docs/benchmarks.md): many
 # small groups (a multi-threaded GEMM on ~100 rows is where OpenMP loses most) of big matrices,
 # in a big enough product that the hand-off and the caller's spinning OpenMP threads do not show.
@@ -221,7 +223,7 @@ def usable_workers(flops: float, group_rows: float, group_cells: int, *tensors: 
         if type(t) is not torch.Tensor or t.device.type != "cpu" or (grad and t.requires_grad):
             return 0
     # Autocast and dispatch/function modes are thread-local: the workers would not see them.
-    if torch.is_autocast_enabled("cpu") or _get_current_dispatch_mode() is not None \
+    if torch_caps.autocast_enabled("cpu") or _get_current_dispatch_mode() is not None \
             or _function_mode_the_workers_would_miss():
         return 0
     n = min(torch.get_num_threads(), os.cpu_count() or 1)

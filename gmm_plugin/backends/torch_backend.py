@@ -21,6 +21,7 @@ import functools
 import torch
 
 from ..group_list import Groups
+from .. import torch_caps
 from . import cpu_workers
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,7 +56,8 @@ def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
             return False
         if any((s * size) % _ALIGN for d, s in enumerate(t.stride()) if d != unit):
             return False
-    return True
+    # The op can exist with no CPU kernel (torch 2.8), or without one for a dtype: ask it.
+    return device.type != "cpu" or all(torch_caps.cpu_grouped_mm(t.dtype) for t in tensors)
 
 
 def _zero_empty_groups(r: torch.Tensor, groups: Groups) -> torch.Tensor:

@@ -21,6 +21,7 @@ import checkpoint_cases as cc  # noqa: E402
 import checkpoint_helpers as ch  # noqa: E402
 import mcore_helpers as h  # noqa: E402
 import patches  # noqa: E402
+from gmm_plugin import torch_caps  # noqa: E402
 
 MODERN = h.version()[:2] >= (0, 17)
 modern_only = pytest.mark.skipif(not MODERN, reason="GmmGroupedMLP exists on megatron-core 0.17+")
@@ -220,6 +221,9 @@ def test_legacy_grouped_mlp_checkpoint_is_megatrons_own(glu, monkeypatch):
     assert experts.GroupedMLP.forward is not patches.experts.legacy_grouped_mlp_forward
     monkeypatch.setattr(gg, "assert_grouped_gemm_is_available", lambda: None)
     monkeypatch.setattr(gg, "grouped_gemm_is_available", lambda: True)
+    if hasattr(experts, "jit_fuser") and not torch_caps.jit_decorates_methods(experts.jit_fuser):
+        # torch < 2.2: megatron-core 0.12's TorchScript jit_fuser cannot build it; a no-op, as the shim does
+        monkeypatch.setattr(experts, "jit_fuser", lambda fn: fn)
     torch.manual_seed(10)
     unpatched = h.build_grouped(4, config)
     assert (experts.GroupedMLP.state_dict, experts.GroupedMLP.sharded_state_dict,
