@@ -307,6 +307,9 @@ def _sync(built=None) -> None:
                     if _from_mindspeed(getattr(gg, name)):
                         _patches.set(gg, name, getattr(ex, "legacy_ops" if name == "ops" else name))
             experts_now, gmm_now = "legacy GroupedMLP", "gmm-plugin npu_gmm_v2 (counts as they are)"
+            if any(_is_mindspeed_module(name) for name in list(sys.modules)):
+                notes.append("MindSpeed is loaded but replaced no experts (without --moe-grouped-gemm only its "
+                             "always-on grouped_gemm_util patch, which gmm-plugin's takes over): gmm-plugin's run")
     else:
         if scan.replaced and not (built is not None and _from_mindspeed(type(built)) is None):
             experts_now, gmm_now = "left to MindSpeed", "MindSpeed's"
