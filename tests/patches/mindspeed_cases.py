@@ -53,7 +53,7 @@ def run_case(case, pythonpath: list[str], env_extra=None, no_ms_gmm=False, timeo
             env["MINDSPEED_DOUBLE_BRANCH"] = f.split("=", 1)[1]
     if no_ms_gmm:
         worker_flags.append("--no-ms-gmm")
-    paths = pythonpath + [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = pythonpath + [ROOT] + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(env_extra or {})
     cmd = [sys.executable, os.path.join(HERE, "mindspeed_worker.py"), order, mode, entry, *worker_flags, "--", *ms_argv]

@@ -66,8 +66,9 @@ def main() -> None:
 
     for step in ((import_mindspeed, enable_plugin) if order == "ms_first" else (enable_plugin, import_mindspeed)):
         step()
-    report = patches.report()
-    out["report_before_build"] = {"experts": report.experts, "gmm": report.gmm}
+    current = getattr(patches, "report", lambda: patches._report)  # (tolerant of older patches, for
+    report = current()                                              #  checking a test fails on old code)
+    out["report_before_build"] = {"experts": report.experts, "gmm": getattr(report, "gmm", "")}
 
     import mcore_helpers as h
     from megatron.core.transformer.moe import experts as mexperts
@@ -81,14 +82,14 @@ def main() -> None:
     else:
         grouped = h.moe_layer(config, grouped=not grouped_experts).experts
     out["built"] = f"{type(grouped).__module__}.{type(grouped).__qualname__}"
-    report = patches.report()
-    out["report"] = {"experts": report.experts, "gmm": report.gmm, "mindspeed": report.mindspeed,
-                     "notes": report.notes, "text": str(report)}
+    report = current()
+    out["report"] = {"experts": report.experts, "gmm": getattr(report, "gmm", ""), "mindspeed": report.mindspeed,
+                     "notes": getattr(report, "notes", []), "text": str(report)}
     if legacy:
         from megatron.core.transformer.moe import grouped_gemm_util as gg
         out["gg_ops"] = repr(gg.ops)
 
-    ms_gmm_runs = "mindspeed" in out["built"] and "gmm-plugin" not in report.gmm
+    ms_gmm_runs = "mindspeed" in out["built"] and "gmm-plugin" not in out["report"]["gmm"]
     if run_ms_gmm or not ms_gmm_runs:
         out["compare"] = compare(h, grouped, num, hidden, config, plugin_calls)
     try:
