@@ -113,3 +113,36 @@ def check(case, r: dict, *, ms_gmm_ran: bool = True) -> None:
             assert after["GroupedMLP"] == MS_EXPERTS
             if ms_gmm_ran:
                 assert after["mindspeed_experts_run"] == [6, 16]
+
+
+def table_row(case, r: dict) -> str:
+    """One docs/patches.md row: what ran, in that order and mode."""
+    rep, c = r["report"], r.get("compare")
+    errs = "not run (MindSpeed's own GMM)" if c is None else \
+        f"out {c['out']:.1e}, dx {c['dx']:.1e}, dW {max(c['dw1'], c['dw2']):.1e}" + \
+        (" (main_grad)" if c["fused_into_main_grad"] else "")
+    after = r["after_revert"].get("gg_ops", "-")
+    after = "MindSpeed's Ops" if "mindspeed" in after else after
+    return (f"| {case[0]} | {r['built'].rsplit('.', 1)[-1]} | {rep['experts']} | {rep['gmm'].split(' (')[0]} | "
+            f"{'yes' if r['mindspeed_saw_fusion_flag'] else 'no'} | {errs} | {after} |")
+
+
+if __name__ == "__main__":  # python mindspeed_cases.py legacy|modern PATH... [--real]: a results table
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("which", choices=("legacy", "modern"))
+    p.add_argument("path", nargs="+")
+    p.add_argument("--real", action="store_true")
+    p.add_argument("--only", default="")
+    a = p.parse_args()
+    print("| case | experts built | report: experts | report: GMM | MindSpeed saw the fusion flag | "
+          "vs SequentialMLP (rel. err.) | gg.ops after revert() |")
+    print("|---|---|---|---|---|---|---|")
+    for case in (LEGACY if a.which == "legacy" else MODERN):
+        if a.only and not case[0].startswith(tuple(a.only.split(","))):
+            continue
+        if a.real:
+            case = case[:4] + ([f for f in case[4] if not f.startswith("branch=")] + ["--megatron-args"],) + case[5:]
+        r = run_case(case, a.path, no_ms_gmm=a.real)
+        check(case, r, ms_gmm_ran=not a.real)
+        print(table_row(case, r), flush=True)

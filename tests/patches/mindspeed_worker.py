@@ -26,7 +26,7 @@ def main() -> None:
     sep = sys.argv.index("--")
     order, mode, entry, *flags = sys.argv[1:sep]
     ms_argv = sys.argv[sep + 1:]
-    llm, run_ms_gmm = "--llm" in flags, "--no-ms-gmm" not in flags
+    llm, run_ms_gmm = "--llm" in flags, "--no-ms-gmm" not in flags  # --megatron-args: see below
     grouped_experts = "--grouped-experts" in flags
     os.environ.setdefault("GMM_PLUGIN_BACKEND", "torch")
     plugin_argv = ["--use-gmm-plugin", "--gmm-plugin-mindspeed", mode] + \
@@ -70,6 +70,12 @@ def main() -> None:
     report = current()                                              #  checking a test fails on old code)
     out["report_before_build"] = {"experts": report.experts, "gmm": getattr(report, "gmm", "")}
 
+    if "--megatron-args" in flags:
+        # Real MindSpeed reads Megatron's parsed arguments in its experts' forward (get_full_args():
+        # fp8, recompute flags): parse them as pretrain would (its own parser, MindSpeed's extras).
+        from megatron.training.arguments import parse_args
+        from megatron.training.global_vars import set_args
+        set_args(parse_args(ignore_unknown_args=True))
     import mcore_helpers as h
     from megatron.core.transformer.moe import experts as mexperts
     h.ensure_world()
