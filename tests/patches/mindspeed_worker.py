@@ -34,6 +34,17 @@ def main() -> None:
     sys.argv = [sys.argv[0]] + ms_argv + (plugin_argv if entry == "adaptor" else [])
     sys.path.insert(0, HERE)
     import torch
+    late = os.environ.get("MINDSPEED_LATE_PATH")
+    if late:
+        # The triton stand-in (core_r0.18.0 runs) must not be seen by torch's inductor, which probes
+        # triton when it is first imported: import it first (it then finds no triton), then add it.
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.runtime.triton_compat  # noqa: F401
+        sys.path.insert(0, late)
+    from patches import cpu_platform
+    cpu_platform.ensure_typing_override()  # Megatron-LM 0.18+'s training code on Python 3.11
+    if "--megatron-first" in flags:
+        import megatron.core  # noqa: F401  (before MindSpeed's dummy transformer_engine: core_r0.18.0)
 
     import patches
     from gmm_plugin.ops import gmm as gmm_ops

@@ -85,3 +85,42 @@ def types_namespace(**kw):
     ns = types.ModuleType("ns")
     vars(ns).update(kw)
     return ns
+
+
+def test_mindspeed_key_flag_env_and_errors():
+    import argparse
+
+    from gmm_plugin.config import ConfigError, load_config
+    parser = patches.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--gmm-plugin-mindspeed", "gmm", "--gmm-plugin-grouped-experts"])
+    cfg = patches.config_from_args(args, env={})
+    assert cfg.mindspeed == "gmm" and cfg.grouped_experts is True
+    assert patches.config_from_args(parser.parse_args([]), env={}).mindspeed == "defer"
+    assert load_config(None, env={"GMM_PLUGIN_MINDSPEED": "GMM"}).mindspeed == "gmm"
+    assert patches.config_from_args(parser.parse_args(["--gmm-plugin-mindspeed", "defer"]),
+                                    env={"GMM_PLUGIN_MINDSPEED": "gmm"}).mindspeed == "defer"  # flag over env
+    with pytest.raises(ConfigError, match="GMM_PLUGIN_MINDSPEED.*'mindspeed' must be one of defer, gmm"):
+        load_config(None, env={"GMM_PLUGIN_MINDSPEED": "mindspeed"})
+    with pytest.raises(ConfigError, match="'mindspeed' must be one of defer, gmm.*did you mean 'defer'"):
+        load_config({"mindspeed": "defr"}, env={})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--gmm-plugin-mindspeed", "on"])
+
+
+def test_adaptor_keeps_mindspeeds_flag_whenever_mindspeed_is_installed(monkeypatch):
+    """MindSpeed reads sys.argv when it is imported, which may be after the adaptor (MindSpeed-LLM's
+    pretrain_gpt.py:10): installed is enough to keep --gemm-gradient-accumulation-fusion (39daed2
+    looked only at sys.modules, patches/megatron_adaptor.py:37, and stripped it)."""
+    import importlib.util
+
+    from patches import megatron_adaptor
+    argv = ["--gemm-gradient-accumulation-fusion", "--gmm-plugin-mindspeed", "gmm", "--gmm-plugin-grouped-experts",
+            "--bf16"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "mindspeed" else real(name, *a))
+    assert patches.mindspeed_installed() == ["mindspeed"]
+    _, rest = megatron_adaptor.enable_from_argv(argv)
+    assert rest == ["--gemm-gradient-accumulation-fusion", "--bf16"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("mindspeed") else real(name, *a))
+    _, rest = megatron_adaptor.enable_from_argv(argv)
+    assert rest == ["--bf16"]
