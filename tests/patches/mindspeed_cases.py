@@ -60,7 +60,9 @@ def run_case(case, pythonpath: list[str], env_extra=None, no_ms_gmm=False, timeo
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["printed"] = [ln for ln in proc.stdout.splitlines() if ln.startswith("gmm-plugin patches:")]
+    return result
 
 
 def check(case, r: dict, *, ms_gmm_ran: bool = True) -> None:
@@ -75,6 +77,8 @@ def check(case, r: dict, *, ms_gmm_ran: bool = True) -> None:
     if entry == "adaptor" and fusion_flag:
         assert "--gemm-gradient-accumulation-fusion" in r["argv_after_plugin"]
     assert not any(a.startswith("--gmm-plugin") or a == "--use-gmm-plugin" for a in r.get("argv_after_plugin", []))
+    if entry == "adaptor":  # the adaptor's printed line, printed again when MindSpeed changed what runs
+        assert r["printed"] and f"experts: {experts};" in r["printed"][-1], r["printed"]
     if "--llm" in flags:
         assert "wrapped by mindspeed_llm" in (rep["mindspeed"] or ""), rep["text"]
     legacy = "gg_ops" in r
