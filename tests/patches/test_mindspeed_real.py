@@ -44,9 +44,16 @@ def _cases():
 
 @pytest.mark.parametrize("case", _cases(), ids=[c[0] for c in _cases()])
 def test_mindspeed_real_source(case):
-    path = [MLM, STAND_INS, SRC] + ([LLM] if LLM else [])
+    path, env, extra = [MLM, STAND_INS, SRC] + ([LLM] if LLM else []), {}, ["--megatron-args"]
     if _megatron_minor() >= 17:
+        if not os.environ.get("MINDSPEED_REAL_TRY_R018"):
+            pytest.skip("MindSpeed core_r0.17.0 / core_r0.18.0 with Megatron-LM 0.17+ does not import on a CPU "
+                        "here: it patches megatron.core.extensions.transformer_engine, which needs Transformer "
+                        "Engine (docs/patches.md#mindspeed); MINDSPEED_REAL_TRY_R018=1 tries anyway")
+        # the top-level megatron_adaptor stand-in, the triton stand-in after torch's inductor probed
         path.insert(1, os.path.join(STAND_INS, "r018"))
-    case = case[:4] + ([f for f in case[4] if not f.startswith("branch=")] + ["--megatron-args"],) + case[5:]
-    r = mc.run_case(case, path, no_ms_gmm=True)
+        env["MINDSPEED_LATE_PATH"] = os.path.join(STAND_INS, "r018")
+        extra.append("--megatron-first")
+    case = case[:4] + ([f for f in case[4] if not f.startswith("branch=")] + extra,) + case[5:]
+    r = mc.run_case(case, path, env_extra=env, no_ms_gmm=True)
     mc.check(case, r, ms_gmm_ran=False)
