@@ -50,8 +50,7 @@ def test_mindspeed_real_source(case):
             pytest.skip("MindSpeed core_r0.17.0 / core_r0.18.0 with Megatron-LM 0.17+ does not import on a CPU "
                         "here: it patches megatron.core.extensions.transformer_engine, which needs Transformer "
                         "Engine (docs/patches.md#mindspeed); MINDSPEED_REAL_TRY_R018=1 tries anyway")
-        # the top-level megatron_adaptor stand-in, the triton stand-in after torch's inductor probed
-        path.insert(1, os.path.join(STAND_INS, "r018"))
+        # the top-level megatron_adaptor and triton stand-ins, on sys.path after torch's inductor probed
         env["MINDSPEED_LATE_PATH"] = os.path.join(STAND_INS, "r018")
         extra.append("--megatron-first")
     case = case[:4] + ([f for f in case[4] if not f.startswith("branch=")] + extra,) + case[5:]
