@@ -6,8 +6,10 @@ without editing it:
         <Megatron-LM flags> --moe-grouped-gemm --use-gmm-plugin [--gmm-plugin-config PATH]
 
 The same as making `import patches.megatron_adaptor` the first line of that script: the adaptor
-reads --use-gmm-plugin / --gmm-plugin-config / --gemm-gradient-accumulation-fusion, patches
-Megatron-core's experts, and removes its flags before Megatron parses the rest. Without those
+reads --use-gmm-plugin / --gmm-plugin-config / --gmm-plugin-mindspeed / --gmm-plugin-grouped-experts /
+--gemm-gradient-accumulation-fusion, patches Megatron-core's experts, and removes its flags before
+Megatron parses the rest (MindSpeed's --gemm-gradient-accumulation-fusion stays when MindSpeed is
+installed: a script such as MindSpeed-LLM's pretrain_gpt.py imports MindSpeed after this). Without those
 flags Megatron's own experts run.
 
 On a machine without a GPU or NPU the launcher also turns on patches.cpu_platform's training

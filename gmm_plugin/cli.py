@@ -59,6 +59,8 @@ def _info_lines(import_npu: bool = False) -> list[str]:
     lines.append(f"  npu          {npu.status(import_module=import_npu)}")
     lines.append(f"  aclnn        {aclnn.status()}")
 
+    lines += _mindspeed_lines()
+
     forced = settings.current().backend
     if forced != "auto":
         env = os.environ.get(ENV_VARS["backend"], "").strip().lower()
@@ -66,6 +68,34 @@ def _info_lines(import_npu: bool = False) -> list[str]:
         lines.append(f"auto picks:    {forced} for every device (forced by {src})")
     else:
         lines.append("auto picks:    npu tensors -> npu, cuda/cpu tensors -> torch, others -> reference")
+    return lines
+
+
+def _mindspeed_lines() -> list[str]:
+    """MindSpeed / MindSpeed-LLM beside the plugin: installed?, the `mindspeed` mode, and, when the
+    patches are applied in this process, whose experts and whose GMM run (patches.report())."""
+    import importlib.util
+
+    from gmm_plugin.config import ConfigError, load_config
+    lines = ["mindspeed:"]
+    for name, dist in (("mindspeed", "mindspeed"), ("mindspeed_llm", "mindspeed_llm")):
+        found = name in sys.modules or importlib.util.find_spec(name) is not None
+        version = _dist_version(dist) or _dist_version(dist.replace("_", "-"))
+        state = "not installed" if not found else \
+            f"{version or 'source tree'} ({'imported' if name in sys.modules else 'installed, not imported'})"
+        lines.append(f"  {name:<13} {state}")
+    try:
+        mode = load_config().mindspeed
+    except ConfigError as e:
+        mode = f"invalid ({e})"
+    what = {"defer": "experts MindSpeed replaced run as MindSpeed has them (MindSpeed's GMM)",
+            "gmm": "MindSpeed's own GroupedMLP experts run on gmm-plugin's GMM (grouped_gemm_util.ops)"}
+    lines.append(f"  mode          {mode}: {what.get(mode, '')}".rstrip(": "))
+    patches = sys.modules.get("patches")
+    current = getattr(patches, "report", None)
+    rep = current() if callable(current) else None
+    if rep is not None:
+        lines.append(f"  now           experts: {rep.experts}; GMM: {rep.gmm}")
     return lines
 
 

@@ -28,6 +28,7 @@ _CHOICES = {
     "group_list_form": ("counts", "cumsum"),
     "cpu_shim": ("auto", "on", "off"),
     "fused_wgrad_dtype": FUSED_WGRAD_DTYPES,
+    "mindspeed": ("defer", "gmm"),
 }
 # Strings parse with settings.py's parser (parse_choice, parse_bool): one rule for every key.
 
@@ -45,6 +46,10 @@ class GmmPluginConfig:
     fused_wgrad_dtype: str = "auto"  # auto | fp32 | input: how a fused 16-bit wgrad is computed (settings.py)
     check_group_list: bool = True   # asynchronous device-side group_list assert (host data always checked)
     cpu_shim: str = "auto"          # auto | on | off: Megatron-on-CPU platform shim (patches.cpu_platform)
+    mindspeed: str = "defer"        # defer | gmm: beside MindSpeed, leave its experts to it, or run them on the
+                                    # plugin's GMM (docs/patches.md#mindspeed)
+    grouped_experts: bool = False   # megatron-core 0.17+: GmmGroupedMLP for a SequentialMLP spec even without
+                                    # moe_grouped_gemm (MindSpeed core_r0.18.0 rejects --moe-grouped-gemm)
     source: str | None = None       # where it came from, for messages
 
     def __post_init__(self):

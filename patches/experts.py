@@ -297,10 +297,13 @@ def is_sequential_mlp_builder(builder, sequential_cls) -> bool:
     return func is sequential_cls
 
 
-def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls):
+def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls, active=lambda: True, always=lambda: False,
+                        on_built=None):
     """MoELayer.__init__ that builds grouped_cls where moe_grouped_gemm asks for grouped experts
-    but the spec fell back to SequentialMLP. The spec object itself is never modified. Installed
-    by apply() only while the plugin is enabled."""
+    (or always() says so: grouped_experts, for MindSpeed core_r0.18.0 which rejects
+    --moe-grouped-gemm) but the spec gave SequentialMLP. The spec object itself is never modified.
+    Installed by apply() only while the plugin is enabled; inert once active() is False (revert()
+    could not take it out because someone wrapped over it). on_built(experts) after the build."""
     import dataclasses
     import functools
     import inspect
@@ -309,11 +312,17 @@ def wrap_moe_layer_init(original_init, grouped_cls, sequential_cls):
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
+        if not active():
+            return original_init(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
         config, submodules = bound.arguments.get("config"), bound.arguments.get("submodules")
-        if (config is not None and getattr(config, "moe_grouped_gemm", False) and submodules is not None
+        if (config is not None and (getattr(config, "moe_grouped_gemm", False) or always())
+                and submodules is not None
                 and is_sequential_mlp_builder(getattr(submodules, "experts", None), sequential_cls)):
             bound.arguments["submodules"] = dataclasses.replace(submodules, experts=grouped_cls)
-        return original_init(*bound.args, **bound.kwargs)
+        result = original_init(*bound.args, **bound.kwargs)
+        if on_built is not None and hasattr(self, "experts"):
+            on_built(self.experts)
+        return result
 
     return __init__

@@ -4,9 +4,12 @@ from the script's own command line:
     python pretrain_gpt.py ... --moe-grouped-gemm --use-gmm-plugin --gmm-plugin-config configs/gmm_npu.yaml
 
 Flags: --use-gmm-plugin, --gmm-plugin-config PATH (either one enables the plugin; the YAML's
-`enabled` decides when only the config is given) and MindSpeed's --gemm-gradient-accumulation-fusion
-(= gemm_fusion: true). They are removed from sys.argv so that Megatron's own parser does not
-reject them; --gemm-gradient-accumulation-fusion stays when MindSpeed is loaded (it reads it too).
+`enabled` decides when only the config is given), --gmm-plugin-mindspeed {defer,gmm},
+--gmm-plugin-grouped-experts and MindSpeed's --gemm-gradient-accumulation-fusion (= gemm_fusion:
+true). The plugin's own flags are removed from sys.argv so that Megatron's parser does not reject
+them. --gemm-gradient-accumulation-fusion stays whenever MindSpeed or MindSpeed-LLM is installed:
+MindSpeed reads sys.argv when it is imported, which may be after this module (MindSpeed-LLM's
+pretrain_gpt.py imports it on its line 10). Either import order works (patches._sync).
 The result of patches.apply() is in `report` (None when the plugin was not asked for).
 """
 from __future__ import annotations
@@ -15,13 +18,16 @@ import argparse
 import os
 import sys
 
-from . import add_arguments, apply, config_from_args, cpu_platform
+import patches as _patches
+
+from . import add_arguments, apply, config_from_args, cpu_platform, mindspeed_installed
 
 # The training script imports megatron.training right after this module; 0.19's uses
 # typing.override, which Python < 3.12 lacks (reference/megatron-lm-cpu.md). Accelerator or not.
 cpu_platform.ensure_typing_override()
 
-_OURS = ("--use-gmm-plugin", "--gmm-plugin-config")
+_OURS = ("--use-gmm-plugin", "--gmm-plugin-config", "--gmm-plugin-mindspeed", "--gmm-plugin-grouped-experts")
+_TAKES_VALUE = ("--gmm-plugin-config", "--gmm-plugin-mindspeed")
 _ALIAS = "--gemm-gradient-accumulation-fusion"
 
 
@@ -32,17 +38,18 @@ def enable_from_argv(argv: list[str]):
     report = None
     if args.use_gmm_plugin or args.gmm_plugin_config:
         report = apply(config_from_args(args))
+        _patches.announce = True  # MindSpeed imported later: the new line is printed when experts are built
         if os.environ.get("RANK", "0") == "0":
             print(report, flush=True)
-    strip = _OURS if "mindspeed" in sys.modules else _OURS + (_ALIAS,)
+    strip = _OURS if mindspeed_installed() else _OURS + (_ALIAS,)
     rest, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
         name = arg.split("=", 1)[0]
         if name in strip:
-            skip = name == "--gmm-plugin-config" and "=" not in arg
+            skip = name in _TAKES_VALUE and "=" not in arg
             continue
         rest.append(arg)
     return report, rest

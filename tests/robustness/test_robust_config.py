@@ -11,7 +11,8 @@ from gmm_plugin.config import ENV_VARS, KEYS, ConfigError, GmmPluginConfig, load
 from robust_support import count, expect, robust_settings
 
 CHOICES = {"backend": ("auto", "torch", "reference", "npu", "aclnn"), "group_list_form": ("counts", "cumsum"),
-           "cpu_shim": ("auto", "on", "off"), "fused_wgrad_dtype": ("auto", "fp32", "input")}
+           "cpu_shim": ("auto", "on", "off"), "fused_wgrad_dtype": ("auto", "fp32", "input"),
+           "mindspeed": ("defer", "gmm")}
 BOOLS = tuple(k for k in KEYS if k not in CHOICES)
 
 

@@ -1,0 +1,1 @@
+from . import collect_env  # noqa: F401
