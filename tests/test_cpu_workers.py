@@ -185,6 +185,26 @@ def test_workers_are_single_threaded_and_caller_threads_unchanged():
     assert other == [before]  # the workers' setting did not leak to new threads
 
 
+def test_workers_stay_single_threaded_when_made_under_a_replaced_get_num_threads(monkeypatch):
+    """A pool made while torch.get_num_threads is replaced (tests/patches/test_cpu_platform.py does
+    it) skipped ATen's per-thread init: the workers' first GEMM re-initialised them to the process
+    default, and every later piece ran multi-threaded (the whole suite's order-dependent [2, 2])."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    pool = cpu_workers._Workers()
+    assert pool.busy.acquire()
+    try:
+        pool.grow(2)
+        a = torch.randn(64, 64)
+        counts = []
+        call = cpu_workers._Call(list(range(4)), lambda _: (torch.mm(a, a), counts.append(torch._C.get_num_threads())),
+                                 False)
+        pool.run(call, 2)
+    finally:
+        pool.busy.release()
+        pool.close()
+    assert counts == [1, 1, 1, 1]
+
+
 def test_busy_pool_runs_inline():
     cpu_workers.run(range(2), lambda _: None, 2)  # make sure the pool exists
     pool = cpu_workers._pool

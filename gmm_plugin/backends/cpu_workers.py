@@ -125,7 +125,7 @@ class _Workers:
         """At least n workers where threads can be started (the caller holds busy): more threads,
         never a second pool. A thread that cannot start ends the growing, not the call."""
         ready: queue.SimpleQueue = queue.SimpleQueue()
-        caller_threads = torch.get_num_threads()
+        caller_threads = torch._C.get_num_threads()
         started = 0
         try:
             while self.size < n:
@@ -142,13 +142,16 @@ class _Workers:
                 ready.get()
             # torch.set_num_threads also records a process-wide default that new threads pick
             # up: the workers' 1 must not leak, so put the caller's value back.
-            torch.set_num_threads(caller_threads)
+            torch._C.set_num_threads(caller_threads)
 
     @staticmethod
     def _loop(jobs: queue.SimpleQueue, ready: queue.SimpleQueue) -> None:
         _local.worker = True
-        torch.get_num_threads()   # ATen's lazy per-thread init first, or it would undo the next line
-        torch.set_num_threads(1)  # thread-local for OpenMP and MKL
+        # ATen's lazy per-thread init first, or the thread's first parallel op would undo the next
+        # line; torch._C's own functions, so that a replaced torch.get_num_threads (a test's
+        # monkeypatch, a profiler's wrapper) cannot skip the init and leave the worker multi-threaded.
+        torch._C.get_num_threads()
+        torch._C.set_num_threads(1)  # thread-local for OpenMP and MKL
         torch.set_grad_enabled(False)
         ready.put(None)
         while True:
