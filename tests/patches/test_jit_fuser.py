@@ -51,12 +51,16 @@ def _run(mode: str) -> subprocess.CompletedProcess:
 
 
 def test_unscriptable_jit_fuser_becomes_a_no_op_while_the_shim_is_on():
+    # The premise: without the shim the same process fails in Megatron's TorchScript compile. From
+    # megatron-core 0.17 on (no legacy GroupedMLP, nothing TorchScript cannot compile decorated on
+    # this path) it builds without the shim too, and there is nothing for the shim to show.
+    without = _run("none")
+    if without.returncode == 0:
+        pytest.skip("this megatron-core builds these modules under torch.jit.script: nothing to fix here")
+    assert "RuntimeError" in without.stderr, without.stderr[-3000:]
     with_shim = _run("shim")
     assert with_shim.returncode == 0, with_shim.stderr[-3000:]
     assert "built" in with_shim.stdout
-    # The premise: without the shim the same process fails in Megatron's TorchScript compile.
-    without = _run("none")
-    assert without.returncode != 0 and "RuntimeError" in without.stderr, without.stderr[-3000:]
 
 
 def test_jit_fuser_kept_where_the_jit_can_decorate_methods():
