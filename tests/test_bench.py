@@ -195,6 +195,44 @@ def _alive(*names):
 
 
 @megatron
+def test_no_layer_outlives_its_block(monkeypatch, fp32_process_settings):
+    """Issue 21 item 10: a block's layers are gone before the next block is measured. At 39daed2
+    the DDP blocks' layers stayed alive (a cycle through autograd nodes: megatron_layer.release);
+    after that fix the caller's loop variable still kept each block's last layer (for fp32 E=64,
+    a DDP layer with its grad buffer, ~3 GB) alive through the next block."""
+    pytest.importorskip("megatron.core")
+    import gc
+    import weakref
+    from gmm_plugin.bench import megatron_layer
+    built, earlier, left_over = [], [], []
+    real_layer, real_measure = megatron_layer.moe_layer, layer_suite.measure
+
+    def recording_layer(*a, **k):
+        layer = real_layer(*a, **k)
+        built.append(weakref.ref(layer))
+        return layer
+
+    def checking_measure(*a, **k):
+        gc.collect()
+        assert built and all(r() is not None for r in built)  # this block's layers
+        left_over.append(sum(r() is not None for r in earlier))  # the blocks' before it
+        earlier.extend(built)
+        built.clear()
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(megatron_layer, "moe_layer", recording_layer)
+    monkeypatch.setattr(layer_suite, "measure", checking_measure)
+    args = options.parse_args(["--tiny", "--suite", "layer", "--dtypes", "fp32,bf16", "--experts", "2",
+                               "--no-memory"])
+    rows, why = layer_suite.layer_suite(args)
+    assert why is None and rows
+    # 2 dtypes x (.grad, DDP); 39daed2: [0, 0, 2, 2] (the DDP cycle), fe3f5a4: [0, 1, 1, 1] (the loop variable)
+    assert left_over == [0, 0, 0, 0]
+    gc.collect()
+    assert not any(r() is not None for r in earlier)
+
+
+@megatron
 def test_layer_suite_in_process_restores_everything(tmp_path, capsys, fp32_process_settings):
     pytest.importorskip("megatron.core")
     import patches

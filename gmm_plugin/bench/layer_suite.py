@@ -63,28 +63,33 @@ def layer_suite(args) -> tuple[list[Row], str | None]:
 
 
 def _rows(args, cfg, ml) -> list[Row]:
-    T, H, F = args.layer_tokens, args.hidden, args.ffn
-    routed = T * args.topk
-    flops = 3 * 2.0 * routed * H * (2 * F + F)  # fc1 (GLU: 2F wide) + fc2, forward and 2 backward
     rows = []
     for dname in [d for d in args.dtypes if d != "fp16"]:
         dtype = DTYPES[dname]
         g = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(T, 1, H, generator=g).to(dtype)
-        dy = (torch.randn(T, 1, H, generator=g) * 1e-2).to(dtype)
+        x = torch.randn(args.layer_tokens, 1, args.hidden, generator=g).to(dtype)
+        dy = (torch.randn(args.layer_tokens, 1, args.hidden, generator=g) * 1e-2).to(dtype)
         for E in args.experts:
             for grads in args.layer_grads:
-                cases, models, notes, extra = _cases(args, cfg, ml, E, dtype, grads, x, dy)
-                cases = {DENSE: _dense_gemms(routed, H, F, dtype), **cases}
-                samples, peaks = measure(cases, args, CPU, min_warmup=LAYER_WARMUP)
-                for model in models:  # or each DDP block's layers stay alive to the end of the run
-                    ml.release(model)
-                del cases, models
+                rows += _block(args, cfg, ml, E, dname, grads, x, dy)
                 release_freed_memory()  # the next block starts from what is alive
-                meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",
-                            dtype=dname, experts=E)
-                rows += rows_from(samples, flops, DENSE, meta, peaks, notes=notes, extra=extra)
     return rows
+
+
+def _block(args, cfg, ml, E, dname, grads, x, dy) -> list[Row]:
+    """One block's rows. Its layers live in this call's locals only, so they are gone when it
+    returns (a loop variable of the caller kept the last one alive into the next block)."""
+    T, H, F = args.layer_tokens, args.hidden, args.ffn
+    routed = T * args.topk
+    flops = 3 * 2.0 * routed * H * (2 * F + F)  # fc1 (GLU: 2F wide) + fc2, forward and 2 backward
+    cases, models, notes, extra = _cases(args, cfg, ml, E, DTYPES[dname], grads, x, dy)
+    cases = {DENSE: _dense_gemms(routed, H, F, DTYPES[dname]), **cases}
+    samples, peaks = measure(cases, args, CPU, min_warmup=LAYER_WARMUP)
+    for model in models:  # or each DDP block's layers stay alive to the end of the run
+        ml.release(model)
+    meta = dict(suite="layer", op=f"MoE layer fwd+bwd T={T} top{args.topk} ({GRADS[grads]})",
+                dtype=dname, experts=E)
+    return rows_from(samples, flops, DENSE, meta, peaks, notes=notes, extra=extra)
 
 
 def _cases(args, cfg, ml, E, dtype, grads, x, dy):
