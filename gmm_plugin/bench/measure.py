@@ -133,9 +133,26 @@ def release_freed_memory() -> None:
         pass
 
 
+# The highest VmHWM seen before _rss_peak reset it: the kernel's own peak (VmHWM, and ru_maxrss,
+# which reads the same counter) restarts at every reset, so the process's peak is kept here.
+_peak_before_resets_kb = 0
+
+
+def process_peak_kb() -> int:
+    """This process's peak resident set so far, in KiB, across the resets of _rss_peak."""
+    import resource
+    try:
+        now = _status_kb("VmHWM")
+    except (OSError, ValueError):
+        now = 0
+    return max(_peak_before_resets_kb, now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def _rss_peak(fn) -> int:
+    global _peak_before_resets_kb
     release_freed_memory()
     start = _status_kb("VmRSS")
+    _peak_before_resets_kb = max(_peak_before_resets_kb, _status_kb("VmHWM"))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
     fn()

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 from dataclasses import asdict
 
 import torch
 
 from .. import settings
+from . import measure
 from .measure import Row
 from .targets import Target
 
@@ -78,15 +78,14 @@ def format_targets(targets: list[Target]) -> str:
 
 
 def peak_rss_mb() -> dict:
-    """Peak resident memory (getrusage ru_maxrss, KiB on Linux) of this process and of the
-    largest child it waited for (the example suite's runs), in MB; 0 where there was none."""
-    return {who: round(resource.getrusage(flag).ru_maxrss / 1024, 1)
-            for who, flag in (("process", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
+    """This process's peak resident memory, in MB. Not its children's: Linux gives a child the
+    high-water mark of the memory it was forked from, so every child (the example suite's runs,
+    torch inductor's compile checks) would read as at least the parent's size when it started."""
+    return {"process": round(measure.process_peak_kb() / 1024, 1)}
 
 
 def format_peak_rss(peak: dict) -> str:
-    line = f"# peak RSS: {peak['process']:.0f} MB (this process, ru_maxrss)"
-    return line + (f", {peak['children']:.0f} MB (largest child)" if peak["children"] else "")
+    return f"# peak RSS: {peak['process']:.0f} MB (this process)"
 
 
 def write_json(path: str, info: dict, args, rows: list[Row], targets: list[Target], skipped: list[str]) -> None:
