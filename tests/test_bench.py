@@ -34,8 +34,8 @@ def test_problem_and_loop_forward_match_float64(layout):
 
 def test_the_process_peak_survives_the_per_case_resets():
     """The bench's closing `# peak RSS` line: each peak measurement resets the kernel's high-water
-    mark (VmHWM, which ru_maxrss reads too), so at fe3f5a4 the line showed the peak since the
-    last case, 8,470 MB for a default run whose process had reached 9,262 MB (/usr/bin/time -v)."""
+    mark (VmHWM, which ru_maxrss and /usr/bin/time -v read too), so at fe3f5a4 the line showed
+    the peak since the last case: 8,470 MB for a default run that reached 12,700 MB."""
     pytest.importorskip("resource")
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux's /proc/self/clear_refs")
